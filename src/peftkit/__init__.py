@@ -1,0 +1,40 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch and Hugging Face transformers.
+
+The API follows Hugging Face PEFT (same class and field names); checkpoints are interchangeable with it.
+"""
+
+from .config import PeftConfig, PeftType, TaskType
+from .mapping import get_peft_model
+from .methods.lora import LoraConfig, LoraModel
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .registry import supported_methods
+from .save_load import get_adapter_state_dict, set_adapter_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraModel",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_adapter_state_dict",
+    "get_peft_model",
+    "set_adapter_state_dict",
+    "supported_methods",
+]

@@ -1,0 +1,299 @@
+"""The generic adapter layer: wraps one base module and keeps the named adapters of one method.
+
+A method subclasses :class:`AdapterLayer` and supplies only its math:
+
+- ``adapter_slots``: names of the per-adapter containers (``nn.ModuleDict`` / ``nn.ParameterDict``) it creates.
+  Parameters under these names are the adapter's trainable, saved parameters; the checkpoint key of
+  ``<module>.<slot>.<adapter>.<rest>`` is ``<module>.<slot>.<rest>``.
+- ``update_layer(adapter_name, config, **kwargs)``: create the adapter's parameters.
+- ``delta_weight(adapter_name)`` for additive methods, or ``merged_weight`` / ``unmerged_weight`` for methods
+  whose merge is not an addition.
+- ``apply_adapter(adapter_name, x, base_output, *args, **kwargs)``: the unmerged forward of one adapter given the
+  input and the output computed so far.
+
+The engine owns everything else: active adapters, merge bookkeeping, disabling, mixed-adapter batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # in adapter_names=: this row uses no adapter
+
+
+class MixedBatch:
+    """Per-row adapter choice for one forward call: ``names[i]`` is the adapter for row ``i``."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self._groups: dict[str, list[int]] = {}
+        for i, n in enumerate(self.names):
+            self._groups.setdefault(n, []).append(i)
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        return self._groups
+
+    def rows(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(self._groups[name], device=device, dtype=torch.long)
+        return self._index_cache[key]
+
+    def index_tensor(self, order: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Row -> position of its adapter in ``order`` (``len(order)`` for rows without adapter)."""
+        key = (tuple(order), device)
+        if key not in self._index_cache:
+            pos = {n: i for i, n in enumerate(order)}
+            self._index_cache[key] = torch.tensor(
+                [pos.get(n, len(order)) for n in self.names], device=device, dtype=torch.long
+            )
+        return self._index_cache[key]
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every layer-wrapping method. See the module docstring for the contract."""
+
+    adapter_slots: tuple[str, ...] = ()
+    # Per-adapter containers that hold no trainable state (dropout modules, buffers); deleted with the adapter.
+    aux_slots: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled: bool = False
+        self.mixed_batch: Optional[MixedBatch] = None  # set by the engine for the duration of one call
+        self.adapter_configs: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ introspection
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `.weight` of a wrapped layer keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_configs)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name within this layer, parameter) of one adapter."""
+        for slot in self.adapter_slots:
+            container = getattr(self, slot)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                yield f"{slot}.{adapter_name}", item
+            else:
+                for sub, p in item.named_parameters():
+                    yield f"{slot}.{adapter_name}.{sub}", p
+
+    # ------------------------------------------------------------------------------------------- method hooks
+    def update_layer(self, adapter_name: str, config: Any, **kwargs: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not define a delta weight")
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with the adapter folded in. Additive by default."""
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight`."""
+        return weight - self.delta_weight(adapter_name).to(weight.dtype)
+
+    def apply_adapter(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Unmerged forward of one adapter: return the new output given input ``x`` and the output so far."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Forward with the adapters ``names`` applied, unmerged. Methods may override with a fused path."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in names:
+            result = self.apply_adapter(name, x, result, *args, **kwargs)
+        return result
+
+    def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Forward where row ``i`` uses adapter ``batch.names[i]``. Generic: one sub-batch per adapter."""
+        result = self.base_layer(x, *args, **kwargs)
+        out = result.clone()
+        for name, _ in batch.groups.items():
+            if name == BASE_ADAPTER or name not in self.adapter_configs:
+                continue
+            rows = batch.rows(name, x.device)
+            out[rows] = self.apply_adapter(name, x[rows], result[rows], *args, **kwargs)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.adapters_disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.mixed_batch is not None:
+            if self.merged:
+                raise ValueError("adapter_names= cannot be used while adapters are merged; call unmerge_adapter() first.")
+            if x.shape[0] != len(self.mixed_batch):
+                raise ValueError(
+                    f"adapter_names has {len(self.mixed_batch)} entries but the batch has {x.shape[0]} rows; give one "
+                    "adapter name per row."
+                )
+            return self.forward_mixed(x, self.mixed_batch, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        names = [n for n in self.active_adapters if n in self.adapter_configs]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        return self.forward_adapters(x, names, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- management
+    def set_adapter(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names]
+        for name in self.adapter_configs:
+            requires_grad = name in names and not getattr(self.adapter_configs[name], "inference_mode", False)
+            for _, p in self.adapter_parameters(name):
+                p.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it.")
+        for slot in self.adapter_slots + self.aux_slots:
+            container = getattr(self, slot)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.adapter_configs.pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def _weight_param(self) -> nn.Parameter:
+        return self.get_base_layer().weight
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            if name not in self.adapter_configs or name in self.merged_adapters:
+                continue
+            weight = self._weight_param()
+            with torch.no_grad():
+                new = self.merged_weight(name, weight.data)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(
+                        f"Merging adapter {name!r} would put NaN or inf into the base weights; nothing was changed."
+                    )
+                weight.data.copy_(new)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self._weight_param()
+            with torch.no_grad():
+                weight.data.copy_(self.unmerged_weight(name, weight.data))
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A trainable copy of a module (e.g. the classifier head) per adapter, saved with the adapter.
+
+    ``original_module`` stays frozen; ``modules_to_save[name]`` is used while adapter ``name`` is active.
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.adapters_disabled = False
+        self.mixed_batch: Optional[MixedBatch] = None
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, adapter_name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+        for p in self.original_module.parameters():
+            p.requires_grad_(False)
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    def set_adapter(self, names: Sequence[str]) -> None:
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(f"Only one adapter's copy of a module can be active at a time, got {present}.")
+        self.active_adapter = present[0] if present else None
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == self.active_adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.adapters_disabled or (self.active_adapter is None and self.mixed_batch is None):
+            return self.original_module(x, *args, **kwargs)
+        if self.mixed_batch is not None:
+            result = self.original_module(x, *args, **kwargs)
+            out = result.clone()
+            for name in self.mixed_batch.groups:
+                if name in self.modules_to_save:
+                    rows = self.mixed_batch.rows(name, x.device)
+                    out[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+            return out
+        return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original_module":
+                raise
+            return getattr(self.original_module, name)
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Optional[Sequence[str]]) -> Iterator[None]:
+    """For one call, make each adapter layer apply ``adapter_names[i]`` to row ``i``."""
+    if adapter_names is None:
+        yield
+        return
+    batch = MixedBatch(adapter_names)
+    layers = [m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+    for m in layers:
+        m.mixed_batch = batch
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.mixed_batch = None

@@ -1,0 +1,21 @@
+"""``get_peft_model``: the entry point."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .config import PeftConfig
+from .peft_model import MODEL_TYPE_TO_PEFT_MODEL, PeftModel
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config``; the base weights are frozen.
+
+    The returned model's class follows ``peft_config.task_type`` (e.g. ``PeftModelForCausalLM``), as in PEFT.
+    """
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a peftkit config (e.g. LoraConfig), got {type(peft_config).__name__}.")
+    if isinstance(model, PeftModel):
+        raise ValueError("The model already is a PeftModel; use model.add_adapter(name, config) to add an adapter.")
+    cls = MODEL_TYPE_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
+    return cls(model, peft_config, adapter_name)

@@ -1,0 +1,3 @@
+"""Every method lives in one module here; importing this package registers them all."""
+
+from . import lora  # noqa: F401

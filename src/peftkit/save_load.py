@@ -1,0 +1,101 @@
+"""Adapter state dicts in Hugging Face PEFT's key layout.
+
+Inside the model, adapter ``a`` of a wrapped module ``P`` keeps its parameters under ``P.<slot>.a[.rest]``
+(``P.lora_A.a.weight``). In a checkpoint the adapter name is dropped: ``base_model.model.P.<slot>[.rest]``.
+A ``modules_to_save`` copy ``P.modules_to_save.a.<param>`` is stored as ``base_model.model.P.<param>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from .layer import ModulesToSaveWrapper
+
+if TYPE_CHECKING:
+    from .tuner import AdapterModel
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "base_model.model."
+
+
+def _strip_adapter(local_name: str, adapter_name: str) -> str:
+    slot, rest = local_name.split(".", 1)
+    if rest == adapter_name:
+        return slot
+    assert rest.startswith(adapter_name + "."), (local_name, adapter_name)
+    return f"{slot}.{rest[len(adapter_name) + 1:]}"
+
+
+def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
+    """Checkpoint key (without ``base_model.model.``) -> live tensor in the model, for one adapter."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in model.adapter_layers():
+        for local, p in layer.adapter_parameters(adapter_name):
+            out[f"{path}.{_strip_adapter(local, adapter_name)}"] = p
+        for local, buf in getattr(layer, "adapter_buffers", lambda _n: [])(adapter_name):
+            out[f"{path}.{_strip_adapter(local, adapter_name)}"] = buf
+    for path, wrapper in model.modules_to_save_wrappers():
+        if adapter_name in wrapper.modules_to_save:
+            for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
+                out[f"{path}.{name}"] = p
+    config = model.peft_config[adapter_name]
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        for name, p in model.model.named_parameters():
+            if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+                out.setdefault(name, p)
+    elif bias.endswith("_only"):
+        for path, layer in model.adapter_layers():
+            for name, p in layer.base_layer.named_parameters(prefix=f"{path}.base_layer"):
+                if name.endswith("bias"):
+                    out[name] = p
+    out.update(model.extra_adapter_tensors(adapter_name))
+    return out
+
+
+def get_adapter_state_dict(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as in a PEFT checkpoint."""
+    return {CHECKPOINT_PREFIX + k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
+
+
+def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every shape fits."""
+    targets = adapter_parameter_map(model, adapter_name)
+    plan = []
+    unexpected = []
+    for key, value in state_dict.items():
+        short = key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else key
+        if short not in targets:
+            unexpected.append(key)
+            continue
+        live = targets[short]
+        if tuple(live.shape) != tuple(value.shape):
+            raise ValueError(
+                f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects {tuple(live.shape)}. "
+                "The adapter was trained for a different base model or a different configuration (rank, targets)."
+            )
+        plan.append((live, value))
+    if not plan:
+        sample = ", ".join(list(state_dict)[:3])
+        expected = ", ".join(CHECKPOINT_PREFIX + k for k in list(targets)[:3])
+        raise ValueError(
+            f"No tensor of the checkpoint fits the model (checkpoint keys look like {sample}; the model expects "
+            f"keys like {expected}). Is this adapter for another base model?"
+        )
+    loaded = {id(live) for live, _ in plan}
+    missing = [CHECKPOINT_PREFIX + k for k, t in targets.items() if id(t) not in loaded]
+    if unexpected:
+        logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(unexpected[:10]))
+    if missing:
+        logger.warning("Adapter tensors not found in the checkpoint (left as initialised): %s", ", ".join(missing[:10]))
+    with torch.no_grad():
+        for live, value in plan:
+            live.copy_(value.to(device=live.device, dtype=live.dtype))
+    model.after_adapter_loaded(adapter_name)
+
+
+__all__ = ["get_adapter_state_dict", "set_adapter_state_dict", "CHECKPOINT_PREFIX", "ModulesToSaveWrapper"]
