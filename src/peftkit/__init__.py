@@ -6,6 +6,7 @@ The API follows Hugging Face PEFT (same class and field names); checkpoints are 
 from .config import PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model
 from .methods.lora import LoraConfig, LoraModel
+from .methods.miss import MissConfig
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "LoraModel",
+    "MissConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

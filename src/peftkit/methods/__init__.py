@@ -1,3 +1,4 @@
 """Every method lives in one module here; importing this package registers them all."""
 
 from . import lora  # noqa: F401
+from . import miss  # noqa: F401
