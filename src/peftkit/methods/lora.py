@@ -7,6 +7,7 @@ adapted weight to a learned magnitude: ``W' = m * (W + sBA) / ||W + sBA||_row``.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from ..registry import MethodSpec, register_method
 from ..tuner import AdapterModel
 from . import lora_ops
 from .common import adapter_dtype, conv1d_cls, pattern_value
+
+logger = logging.getLogger(__name__)
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -174,15 +177,18 @@ class Linear(LoraLayer):
         w = self.get_base_layer().weight
         return w.t() if self.fan_in_fan_out else w
 
-    def _pissa_init(self, adapter_name: str, init: str) -> None:
+    def _pissa_init(self, adapter_name: str, init: str, residual_only: bool = False) -> None:
+        """PiSSA: A, B from the top singular triplets of W, W replaced by the residual. ``residual_only``: the
+        factors come from a checkpoint, only the base weight is made the residual (what PEFT does on load)."""
         base = self.get_base_layer()
         weight = self._oriented_base_weight()
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
         new_a, new_b, residual = lora_ops.pissa_factors(weight, a.shape[0], self.scaling[adapter_name], niter)
         with torch.no_grad():
-            a.copy_(new_a)
-            b.copy_(new_b)
+            if not residual_only:
+                a.copy_(new_a)
+                b.copy_(new_b)
             base.weight.copy_(residual.t() if self.fan_in_fan_out else residual)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -210,32 +216,81 @@ class Linear(LoraLayer):
         bias = self.get_base_layer().bias
         return lora_ops.dora_linear(result, x_d, weight, bias, a, b, magnitude, scaling, base_out)
 
-    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        fast = self._fused_names(names)
-        if fast is not None:
-            return lora_ops.fused_lora_linear(x, self.get_base_layer(), self.fan_in_fan_out, fast)
-        return super().forward_adapters(x, names, *args, **kwargs)
+    # ---- fast paths. ``fast_path`` says which path the last forward took ("fused-lora", "fused-dora",
+    # "stacked-mixed", or "reference: <why>"); the first time a layer declines the fused path it logs why at DEBUG.
+    fast_path: str = ""
 
-    def _fused_names(self, names: Sequence[str]) -> Optional[list[tuple[torch.Tensor, torch.Tensor, float]]]:
-        """The factors of ``names`` if the fused path applies (plain LoRA, no dropout in training)."""
+    def _set_path(self, path: str) -> None:
+        if path != self.fast_path and path.startswith("reference"):
+            logger.debug("%s: LoRA fused path declined (%s)", type(self).__name__, path)
+        self.fast_path = path
+
+    def _decline_reason(self, x: torch.Tensor, names: Sequence[str]) -> Optional[str]:
+        """Why the fused autograd node cannot serve this call (None if it can)."""
         if isinstance(self.base_layer, AdapterLayer):
-            return None
-        out = []
-        for n in names:
-            if self.use_dora[n] or (self.training and not isinstance(self.lora_dropout[n], nn.Identity)):
-                return None
-            out.append((self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]))
-        return out
+            return "nested adapter layers"
+        w = self.get_base_layer().weight
+        if w.requires_grad:
+            return "the base weight is trainable"
+        if x.dtype != w.dtype or not x.is_floating_point():
+            return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
+        if torch.is_autocast_enabled(x.device.type):
+            return "autocast is enabled"
+        doras = [n for n in names if self.use_dora[n]]
+        if doras:
+            if len(names) > 1:
+                return "DoRA combined with other active adapters"
+            n = doras[0]
+            if self.training and not isinstance(self.lora_dropout[n], nn.Identity):
+                return "DoRA with dropout"
+            m = self.lora_magnitude_vector[n]
+            if torch.is_grad_enabled() and m.requires_grad and bool((m == 0).any()):
+                return "a DoRA magnitude is exactly zero"
+        return None
+
+    def _w_sq(self) -> torch.Tensor:
+        """Squared row norms of the (frozen) oriented base weight in float32, cached per weight version."""
+        w = self.get_base_layer().weight
+        key = (w.data_ptr(), w._version, w.device, self.fan_in_fan_out)
+        cache = getattr(self, "_w_sq_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                sq = torch.linalg.vector_norm(self._oriented_base_weight(), dim=1, dtype=torch.float32).square()
+            self._w_sq_cache = cache = (key, sq)
+        return cache[1]
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        reason = self._decline_reason(x, names)
+        if reason is not None:
+            self._set_path(f"reference: {reason}")
+            return super().forward_adapters(x, names, *args, **kwargs)
+        base = self.get_base_layer()
+        if self.use_dora[names[0]]:
+            n = names[0]
+            self._set_path("fused-dora")
+            return lora_ops.dora_linear_fused(
+                x, base.weight, base.bias, self._w_sq(), self.lora_A[n].weight, self.lora_B[n].weight,
+                self.lora_magnitude_vector[n], self.scaling[n], self.fan_in_fan_out,
+            )
+        self._set_path("fused-lora")
+        factors = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
+        drop = [self.lora_dropout[n].p if self.training and isinstance(self.lora_dropout[n], nn.Dropout) else 0.0
+                for n in names]
+        return lora_ops.lora_linear(x, base.weight, base.bias, factors, self.fan_in_fan_out, drop)
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = [n for n in batch.groups if n != BASE_ADAPTER and n in self.adapter_configs]
         if any(self.use_dora[n] for n in names) or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
+            self._set_path("reference: mixed batch with DoRA or active dropout")
             return super().forward_mixed(x, batch, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if not names:
             return result
-        stack = lora_ops.stacked_factors(self, names)
-        index = batch.index_tensor(names, x.device)
+        self._set_path("stacked-mixed")
+        # a fixed order (the layer's own) keeps the stacked cache valid across calls with different batches
+        order = [n for n in self.adapter_configs if n in self.lora_A]
+        stack = lora_ops.stacked_factors(self, order, x.dtype)
+        index = batch.index_tensor(order, x.device)
         return lora_ops.mixed_lora_add(result, x, stack, index)
 
 
@@ -377,6 +432,16 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
 
 class LoraModel(AdapterModel):
     """The engine plus LoRA-only operations (weighted combination of adapters)."""
+
+    def after_adapter_loaded(self, adapter_name: str) -> None:
+        """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the
+        base weights become the residual of W's SVD so that loading onto the original base model reproduces it."""
+        init = self.peft_config[adapter_name].init_lora_weights
+        if not (isinstance(init, str) and init.startswith("pissa")):
+            return
+        for _, layer in self.adapter_layers():
+            if isinstance(layer, Linear) and adapter_name in layer.adapter_configs:
+                layer._pissa_init(adapter_name, init, residual_only=True)
 
     def add_weighted_adapter(
         self,

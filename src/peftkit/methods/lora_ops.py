@@ -98,13 +98,16 @@ def fused_lora_linear(x: torch.Tensor, base: nn.Module, fan_in_fan_out: bool, fa
     return result
 
 
-def stacked_factors(layer, names: Sequence[str]):
+def stacked_factors(layer, names: Sequence[str], dtype: Optional[torch.dtype] = None):
     """Rank-padded stacks of the adapters' factors, with one all-zero entry at the end for rows without adapter:
-    A (n+1, r_max, in) and B (n+1, out, r_max) with the scaling folded into B. Cached while weights don't change
-    and no gradient is needed."""
+    A (n+1, r_max, in) and B (n+1, out, r_max) with the scaling folded into B, in ``dtype`` (default: the
+    adapters'). Cached (per dtype) while the weights don't change and no gradient is needed, so serving pays for
+    the stacking once, not per call."""
     a_list = [layer.lora_A[n].weight for n in names]
     b_list = [layer.lora_B[n].weight for n in names]
-    key = (tuple(names), tuple(t._version for t in a_list + b_list), tuple(layer.scaling[n] for n in names))
+    dtype = dtype or a_list[0].dtype
+    key = (tuple(names), dtype, tuple((t.data_ptr(), t._version) for t in a_list + b_list),
+           tuple(layer.scaling[n] for n in names))
     cache = getattr(layer, "_stack_cache", None)
     use_cache = not torch.is_grad_enabled() or not any(t.requires_grad for t in a_list + b_list)
     if use_cache and cache is not None and cache[0] == key:
@@ -112,10 +115,10 @@ def stacked_factors(layer, names: Sequence[str]):
     r_max = max(a.shape[0] for a in a_list)
     in_f, out_f = a_list[0].shape[1], b_list[0].shape[0]
     ref = a_list[0]
-    a_stack = [F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in a_list]
-    b_stack = [F.pad(b * layer.scaling[n], (0, r_max - b.shape[1])) for n, b in zip(names, b_list)]
-    a_stack.append(ref.new_zeros(r_max, in_f))
-    b_stack.append(ref.new_zeros(out_f, r_max))
+    a_stack = [F.pad(a.to(dtype), (0, 0, 0, r_max - a.shape[0])) for a in a_list]
+    b_stack = [F.pad((b * layer.scaling[n]).to(dtype), (0, r_max - b.shape[1])) for n, b in zip(names, b_list)]
+    a_stack.append(ref.new_zeros(r_max, in_f, dtype=dtype))
+    b_stack.append(ref.new_zeros(out_f, r_max, dtype=dtype))
     stack = (torch.stack(a_stack), torch.stack(b_stack))
     if use_cache:
         layer._stack_cache = (key, stack)
@@ -123,14 +126,263 @@ def stacked_factors(layer, names: Sequence[str]):
 
 
 def mixed_lora_add(result: torch.Tensor, x: torch.Tensor, stack, index: torch.Tensor) -> torch.Tensor:
-    """result[i] + x[i] A_{index[i]}^T B_{index[i]}^T for every row i, with two batched products."""
+    """result[i] + x[i] A_{index[i]}^T B_{index[i]}^T for every row i: gather each row's factors from the stacks
+    (BGMV/SGMV idea) and apply two batched products, the second accumulated into ``result`` in place when
+    possible. x: (batch, ..., in), result: (batch, ..., out)."""
     a_stack, b_stack = stack
     dtype = x.dtype
     a_rows = a_stack.to(dtype).index_select(0, index)  # (batch, r, in)
     b_rows = b_stack.to(dtype).index_select(0, index)  # (batch, out, r)
     squeeze = x.dim() == 2
     x3 = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])
+    hidden = torch.bmm(x3, a_rows.transpose(1, 2))  # (batch, tokens, r)
+    if result.is_contiguous() and result.dtype == dtype and not (torch.is_grad_enabled() and result.requires_grad
+                                                                 and result.grad_fn is None):
+        r3 = result.view(result.shape[0], -1, result.shape[-1])
+        r3.baddbmm_(hidden, b_rows.transpose(1, 2))
+        return result
     r3 = result.unsqueeze(1) if squeeze else result.reshape(result.shape[0], -1, result.shape[-1])
-    hidden = torch.bmm(x3, a_rows.transpose(1, 2))
     out = torch.baddbmm(r3, hidden, b_rows.transpose(1, 2).to(r3.dtype))
     return out.squeeze(1) if squeeze else out.reshape(result.shape)
+
+
+# ------------------------------------------------------------------------------------------ fused training path
+# One autograd node per adapted linear layer. Why: the straightforward composition (base linear, dropout, A, B,
+# scale, add) records six nodes, saves the input once per adapter branch (upcast to float32 when the adapter
+# weights are float32) and the rank-r activations in float32; this node computes in the input's dtype, saves the
+# input once plus the rank-r products, and adds the LoRA product into the base output in place.
+#
+# Two ways to compute the same function, chosen per call by cost (see ``choose_merged``):
+#   factored: y = x W^T + b, then y += s (x A^T) B^T         extra traffic ~ tokens * (in + 2 out)
+#   merged:   y = x (W + s B A)^T + b with W + sBA built transiently (out x in, one layer at a time)
+#             extra traffic ~ 3 * in * out; cheaper once the batch has more tokens than the layer has features.
+# Backward mirrors it: dx = g W + s (g B) A (rank-first) or dx = g (W + sBA); dA = s (gB)^T x_d, dB = s g^T h.
+
+_PATH_ENV = "PEFTKIT_LORA_PATH"  # "auto" (default), "factored" or "merged": forces a strategy (benchmarks, tests)
+
+
+def choose_merged(tokens: int, in_f: int, out_f: int) -> bool:
+    """Whether materialising W + sBA for this call moves fewer bytes than the factored products."""
+    import os
+
+    mode = os.environ.get(_PATH_ENV, "auto")
+    if mode == "merged":
+        return True
+    if mode == "factored":
+        return False
+    return tokens > max(in_f, out_f)
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A keep-mask (bool, x's shape) for inverted dropout with drop probability ``p``; 1 byte per element, which
+    is what the fused node saves instead of the dropped-out input."""
+    return torch.empty_like(x, dtype=torch.float32 if x.dtype == torch.float64 else x.dtype).bernoulli_(1.0 - p).bool()
+
+
+def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.t() if fan_in_fan_out else weight
+
+
+def _merged_weight(w: torch.Tensor, factors: Sequence[tuple], dtype: torch.dtype) -> torch.Tensor:
+    """W + sum_i s_i B_i A_i as a fresh (out, in) tensor in ``dtype``."""
+    out = None
+    for a, b, s in factors:
+        if out is None:
+            out = torch.addmm(w.to(dtype), b.to(dtype), a.to(dtype), alpha=s)
+        else:
+            out.addmm_(b.to(dtype), a.to(dtype), alpha=s)
+    return out
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """y = x W^T + b + sum_i s_i (d_i(x) A_i^T) B_i^T for a frozen W. Inputs after ``masks``: A_1, B_1, A_2, ...
+    ``masks[i]`` is adapter i's dropout keep-mask (or None), ``keep[i]`` its keep probability."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fan_in_fan_out, scalings, masks, keep, merged, *params):  # type: ignore[override]
+        # merged is False, or "grad" (merged, the rank-r products kept for backward) or "nograd" (merged, no
+        # backward will run: the products are skipped)
+        dtype = x.dtype
+        w = _oriented(weight, fan_in_fan_out)
+        out_f, in_f = w.shape
+        x2 = x.reshape(-1, in_f)
+        factors = [(params[2 * i], params[2 * i + 1], s) for i, s in enumerate(scalings)]
+        hs = []
+        for (a, _, _), mask, k in zip(factors, masks, keep):
+            if merged == "nograd":
+                break
+            xd = x2 if mask is None else x2 * mask.reshape(-1, in_f) * (1.0 / k)
+            hs.append(xd @ a.to(dtype).t())  # (tokens, r)
+        # y is created in x's full shape and updated through a 2-D view, so the returned tensor is not a view
+        # (views returned from a custom Function cannot be modified in place downstream)
+        if merged:
+            y = F.linear(x, _merged_weight(w, factors, dtype), bias)
+        else:
+            y = F.linear(x, w, bias)
+            y2 = y.view(-1, out_f)
+            for h, (_, b, s) in zip(hs, factors):
+                y2.addmm_(h, b.to(dtype).t(), alpha=s)
+        ctx.save_for_backward(x, weight, *hs, *params)
+        ctx.masks, ctx.keep, ctx.scalings = masks, keep, scalings
+        ctx.fan_in_fan_out, ctx.merged, ctx.has_bias = fan_in_fan_out, merged, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        n = len(ctx.scalings)
+        saved = ctx.saved_tensors
+        x, weight, hs, params = saved[0], saved[1], saved[2:2 + n], saved[2 + n:]
+        dtype = x.dtype
+        w = _oriented(weight, ctx.fan_in_fan_out)
+        out_f, in_f = w.shape
+        x2 = x.reshape(-1, in_f)
+        g = grad.to(dtype).reshape(-1, out_f)
+        factors = [(params[2 * i].to(dtype), params[2 * i + 1].to(dtype), s) for i, s in enumerate(ctx.scalings)]
+        need_x = ctx.needs_input_grad[0]
+        need_params = ctx.needs_input_grad[8:]
+        gbs = [g @ b if (need_x or need_params[2 * i]) else None for i, (_, b, _) in enumerate(factors)]
+        dx = None
+        if need_x:
+            if ctx.merged:
+                dx = g @ _merged_weight(w, factors, dtype)
+            else:
+                dx = g @ w
+                for gb, (a, _, s), mask, k in zip(gbs, factors, ctx.masks, ctx.keep):
+                    if mask is None:
+                        dx.addmm_(gb, a, alpha=s)
+                    else:
+                        dx.add_((gb @ a) * mask.reshape(-1, in_f), alpha=s / k)
+            dx = dx.view(x.shape)
+        grads = []
+        for i, ((a, b, s), h, gb, mask, k) in enumerate(zip(factors, hs, gbs, ctx.masks, ctx.keep)):
+            da = db = None
+            if need_params[2 * i]:
+                xd = x2 if mask is None else x2 * mask.reshape(-1, in_f) * (1.0 / k)
+                da = (gb.t() @ xd).mul_(s).to(params[2 * i].dtype)
+            if need_params[2 * i + 1]:
+                db = (g.t() @ h).mul_(s).to(params[2 * i + 1].dtype)
+            grads += [da, db]
+        dbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (dx, None, dbias, None, None, None, None, None, *grads)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    factors: Sequence[tuple],
+    fan_in_fan_out: bool = False,
+    dropout_p: Optional[Sequence[float]] = None,
+    merged: Optional[bool] = None,
+) -> torch.Tensor:
+    """Fused base linear + LoRA adapters. ``factors``: (A (r, in), B (out, r), scaling) per adapter; ``weight``
+    (out, in), or (in, out) with ``fan_in_fan_out``, must not require grad. ``dropout_p[i] > 0`` applies inverted
+    dropout to adapter i's input (the keep-mask is drawn here). ``merged=None`` picks the cheaper strategy."""
+    in_f = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    ps = list(dropout_p) if dropout_p is not None else [0.0] * len(factors)
+    masks = tuple(dropout_mask(x, p) if p > 0 else None for p in ps)
+    keep = tuple(1.0 - p for p in ps)
+    tokens = x.numel() // max(in_f, 1)
+    if merged is None:
+        merged = all(m is None for m in masks) and choose_merged(tokens, in_f, out_f)
+    elif merged and any(m is not None for m in masks):
+        raise ValueError("the merged strategy cannot apply dropout to the adapter input; use merged=False.")
+    params = [t for a, b, _ in factors for t in (a, b)]
+    if merged:
+        track = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        merged = "grad" if track else "nograd"
+    return _LoraLinearFn.apply(x, weight, bias, fan_in_fan_out, tuple(s for _, _, s in factors), masks, keep, merged,
+                               *params)
+
+
+# ---------------------------------------------------------------------------------------------------- DoRA
+def dora_norm_from_factors(w_sq: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Row norms ||W + s B A|| (float32, (out,)) from the cached ||w_i||^2 (float32) and the low-rank factors;
+    the only product with W is W A^T (out x r), done in W's dtype."""
+    a32, b32 = a.float(), b.float()
+    cross = ((w @ a.to(w.dtype).t()).float() * b32).sum(dim=1)
+    lora_sq = ((b32 @ (a32 @ a32.t())) * b32).sum(dim=1)
+    return (w_sq + 2 * scaling * cross + scaling * scaling * lora_sq).clamp_min(0).sqrt()
+
+
+class _DoraLinearFn(torch.autograd.Function):
+    """y = f * (x W^T + s (x A^T) B^T) + b with f = m / ||W + sBA||_row, the norm a constant (detached), for a
+    frozen W. Saves x, the rank-r product and y; dm needs sum_tokens g * (y - b) / m, so y is saved instead of the
+    pre-scale product (it is often saved downstream anyway: v, gate and up outputs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fan_in_fan_out, scaling, merged, w_sq, a, b, m):  # type: ignore[override]
+        dtype = x.dtype
+        w = _oriented(weight, fan_in_fan_out)
+        out_f, in_f = w.shape
+        x2 = x.reshape(-1, in_f)
+        with torch.no_grad():
+            norm = dora_norm_from_factors(w_sq, w, a, b, scaling)
+        f = (m.detach().float() / norm).to(dtype)
+        h = x2 @ a.to(dtype).t()
+        if merged:
+            wm = _merged_weight(w, [(a, b, scaling)], dtype).mul_(f.view(-1, 1))
+            y = F.linear(x, wm, bias)
+        else:
+            y = F.linear(x, w)
+            y.view(-1, out_f).addmm_(h, b.to(dtype).t(), alpha=scaling)
+            y.mul_(f)
+            if bias is not None:
+                y.add_(bias)
+        ctx.save_for_backward(x, weight, h, a, b, m, f, y if m.requires_grad else None, bias)
+        ctx.fan_in_fan_out, ctx.scaling, ctx.merged = fan_in_fan_out, scaling, merged
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight, h, a, b, m, f, y, bias = ctx.saved_tensors
+        s = ctx.scaling
+        dtype = x.dtype
+        w = _oriented(weight, ctx.fan_in_fan_out)
+        out_f, in_f = w.shape
+        x2 = x.reshape(-1, in_f)
+        g = grad.to(dtype).reshape(-1, out_f)
+        ad, bd = a.to(dtype), b.to(dtype)
+        bf = bd * f.view(-1, 1)  # the scale f folded into B: (g * f) @ B = g @ (f B)
+        need_x, need_a, need_b, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[7], ctx.needs_input_grad[8], ctx.needs_input_grad[9]
+        gb = g @ bf if (need_x or need_a) else None
+        dx = da = db = dm = dbias = None
+        if need_x:
+            if ctx.merged:
+                dx = g @ _merged_weight(w, [(a, b, s)], dtype).mul_(f.view(-1, 1))
+            else:
+                dx = (g * f) @ w
+                dx.addmm_(gb, ad, alpha=s)
+            dx = dx.view(x.shape)
+        if need_a:
+            da = (gb.t() @ x2).mul_(s).to(a.dtype)
+        if need_b:
+            db = ((g.t() @ h).float() * (s * f.float()).view(-1, 1)).to(b.dtype)
+        if need_m:
+            yb = y.reshape(-1, out_f) if bias is None else y.reshape(-1, out_f) - bias
+            dm = ((g * yb).sum(0, dtype=torch.float32) / m.detach().float()).to(m.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            dbias = g.sum(0)
+        return dx, None, dbias, None, None, None, None, da, db, dm
+
+
+def dora_linear_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_sq: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    merged: Optional[bool] = None,
+) -> torch.Tensor:
+    """Fused DoRA linear (no dropout). ``w_sq``: float32 squared row norms of the oriented base weight.
+    The magnitude must be nonzero everywhere (dm is recovered by dividing the output by it)."""
+    in_f = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    if merged is None:
+        merged = choose_merged(x.numel() // max(in_f, 1), in_f, out_f)
+    return _DoraLinearFn.apply(x, weight, bias, fan_in_fan_out, scaling, merged, w_sq, a, b, magnitude)
