@@ -6,6 +6,7 @@ The API follows Hugging Face PEFT (same class and field names); checkpoints are 
 from .config import PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model
 from .methods.lora import LoraConfig, LoraModel
+from .methods.xlora import XLoraConfig, XLoraModel
 from .methods.miss import MissConfig
 from .peft_model import (
     PeftModel,
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "LoraModel",
+    "XLoraModel",
+    "XLoraConfig",
     "MissConfig",
     "PeftConfig",
     "PeftModel",

@@ -2,3 +2,4 @@
 
 from . import lora  # noqa: F401
 from . import miss  # noqa: F401
+from . import xlora  # noqa: F401
