@@ -6,6 +6,8 @@ The API follows Hugging Face PEFT (same class and field names); checkpoints are 
 from .config import PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model
 from .methods.lora import LoraConfig, LoraModel
+from .methods.loha import LoHaConfig
+from .methods.lokr import KronAConfig, LoKrConfig
 from .methods.xlora import XLoraConfig, XLoraModel
 from .methods.miss import MissConfig
 from .peft_model import (
@@ -23,6 +25,9 @@ from .save_load import get_adapter_state_dict, set_adapter_state_dict
 __version__ = "0.1.0"
 
 __all__ = [
+    "KronAConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "LoraModel",
     "XLoraModel",
