@@ -1,0 +1,215 @@
+"""Pure functions of the orthogonal family (OFT, BOFT, HRA): Cayley transforms, block-diagonal products,
+butterfly permutations and Householder chains.
+
+Convention used throughout: an adapter rotates the *input* of a layer, ``x -> x @ R`` with ``R`` (d x d)
+orthogonal, so that ``y = (x @ R) @ W.T = x @ (W @ R.T).T``: the merged weight is ``W @ R.T``. The rows of ``W``
+(the neurons) are all rotated by the same orthogonal matrix, which keeps their pairwise angles (the
+"hyperspherical energy") unchanged.
+
+Fast paths (``*_rotate_input``) never build the d x d matrix; reference paths (``*_dense``) do, and serve merging
+and the tests that check the fast paths.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+
+# ------------------------------------------------------------------------------------------- skew / Cayley
+
+
+@functools.lru_cache(maxsize=64)
+def _triu_index(block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+    return rows, cols
+
+
+def skew_from_vector(vec: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(n_blocks, b*(b-1)/2) strictly-upper entries -> (n_blocks, b, b) skew-symmetric matrices Q = U - U^T."""
+    rows, cols = _triu_index(block_size, str(vec.device))
+    upper = vec.new_zeros(vec.shape[0], block_size, block_size)
+    upper[:, rows, cols] = vec
+    return upper - upper.transpose(-2, -1)
+
+
+def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
+    """Truncated Neumann series of the Cayley transform of skew ``q`` (..., b, b), in PEFT's exact form:
+    ``I + 2Q + 2Q^2 + ... + 2Q^(k-1) + Q^k`` (approximately orthogonal when ``q`` is small)."""
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+    if num_terms <= 1:
+        return eye.clone()
+    out = eye + 2.0 * q
+    if num_terms == 2:
+        return out
+    power = q @ q
+    out = out + 2.0 * power
+    for _ in range(3, num_terms - 1):
+        power = power @ q
+        out = out + 2.0 * power
+    return out + power @ q
+
+
+def cayley_exact(q: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley transform ``R = (I - Q)(I + Q)^-1`` of skew ``q`` (..., b, b): orthogonal to float precision."""
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+    return torch.linalg.solve(eye + q, eye - q, left=False)
+
+
+def coft_project(vec: torch.Tensor, eps: float) -> torch.Tensor:
+    """Constrained OFT: shrink each block's skew matrix into a Frobenius ball of radius ``eps / sqrt(n_blocks)``.
+
+    ``vec`` is (n_blocks, b*(b-1)/2); the full skew matrix holds each entry twice, hence the ``sqrt(2)``.
+    """
+    radius = eps / (vec.shape[0] ** 0.5)
+    norm = vec.norm(dim=1, keepdim=True) * (2.0 ** 0.5)
+    scale = torch.where(norm <= radius, torch.ones_like(norm), radius / norm.clamp_min(torch.finfo(vec.dtype).tiny))
+    return vec * scale
+
+
+def drop_blocks(blocks: torch.Tensor, p: float) -> torch.Tensor:
+    """Multiplicative dropout: replace ``int(p * n_blocks)`` random blocks of (n_blocks, b, b) by the identity."""
+    n, b = blocks.shape[0], blocks.shape[-1]
+    k = int(p * n)
+    if k == 0 or n == 1:
+        return blocks
+    mask = torch.zeros(n, 1, 1, device=blocks.device, dtype=blocks.dtype)
+    mask[torch.randperm(n, device=blocks.device)[:k]] = 1
+    eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
+    return blocks * (1 - mask) + eye * mask
+
+
+# ------------------------------------------------------------------------------------------- block diagonal
+
+
+def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ blockdiag(blocks)`` without building the matrix: x (..., n*b), blocks (n, b, b) -> (..., n*b).
+
+    One batched matmul over the blocks; the input is viewed as (n, tokens, b) with strides, not copied.
+    """
+    n, b = blocks.shape[0], blocks.shape[-1]
+    shape = x.shape
+    x2 = x.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
+    out = torch.bmm(x2, blocks)  # (n, tokens, b)
+    return out.transpose(0, 1).reshape(shape)
+
+
+def block_diag_dense(blocks: torch.Tensor) -> torch.Tensor:
+    """(n, b, b) -> the (n*b, n*b) block-diagonal matrix (differentiable, no Python loop)."""
+    n, b = blocks.shape[0], blocks.shape[-1]
+    out = blocks.new_zeros(n, b, n, b)
+    idx = torch.arange(n, device=blocks.device)
+    out[idx, :, idx, :] = blocks
+    return out.reshape(n * b, n * b)
+
+
+# ------------------------------------------------------------------------------------------- butterfly
+
+
+def butterfly_permutation(dim: int, n_chunks: int, sub: int) -> torch.Tensor:
+    """Index permutation of one butterfly factor (PEFT's layout): ``dim`` splits into ``n_chunks`` chunks; inside
+    each chunk the sub-chunks of size ``sub`` are reordered even-indexed first, then odd-indexed.
+
+    Returns ``perm`` with ``P[i, perm[i]] = 1`` for the factor's permutation matrix ``P``.
+    """
+    length = dim // n_chunks
+    k = length // sub
+    order = torch.cat([torch.arange(0, k, 2), torch.arange(1, k, 2)])
+    perm = (torch.arange(n_chunks)[:, None, None] * length + order[None, :, None] * sub + torch.arange(sub)[None, None, :])
+    return perm.reshape(-1)
+
+
+def butterfly_permutations(dim: int, block_num: int, block_size: int, n_factors: int) -> list[torch.Tensor]:
+    """The ``n_factors`` permutations of BOFT; factor ``i`` mixes blocks ``2**i`` apart. One factor = identity."""
+    if n_factors == 1:
+        return [torch.arange(dim)]
+    return [butterfly_permutation(dim, block_num // (2 ** i), block_size // 2) for i in range(n_factors)]
+
+
+def butterfly_rotate_input(x: torch.Tensor, blocks: torch.Tensor, perms: Sequence[Optional[torch.Tensor]],
+                           inv_perms: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``x @ (M_{m-1} ... M_0)`` with ``M_i = P_i blockdiag(blocks[i]) P_i^T``; blocks (m, n, b, b).
+
+    ``x @ P`` is the gather ``x[..., inv_perm]`` and ``y @ P^T`` is ``y[..., perm]`` (``None``: identity).
+    """
+    for i in reversed(range(blocks.shape[0])):
+        if inv_perms[i] is not None:
+            x = x.index_select(-1, inv_perms[i])
+        x = block_rotate(x, blocks[i])
+        if perms[i] is not None:
+            x = x.index_select(-1, perms[i])
+    return x
+
+
+def butterfly_dense(blocks: torch.Tensor, perms: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """The d x d matrix ``M_{m-1} ... M_0`` (reference path and merging); ``M_i[j, k] = B_i[perm[j], perm[k]]``."""
+    out = None
+    for i in range(blocks.shape[0]):
+        m = block_diag_dense(blocks[i])
+        if perms[i] is not None:
+            m = m[perms[i]][:, perms[i]]
+        out = m if out is None else m @ out
+    return out
+
+
+# ------------------------------------------------------------------------------------------- Householder
+
+
+def normalize_columns(u: torch.Tensor) -> torch.Tensor:
+    return u / u.norm(dim=0)
+
+
+def householder_t_factor(u: torch.Tensor) -> torch.Tensor:
+    """For unit columns u_0..u_{r-1} (d, r): the upper-triangular T (r, r) with
+    ``H_0 H_1 ... H_{r-1} = I - U T U^T`` where ``H_i = I - 2 u_i u_i^T`` (compact WY form).
+
+    ``T^{-1} = I/2 + strict_upper(U^T U)``, so T comes from one small triangular solve instead of r steps.
+    """
+    r = u.shape[1]
+    gram = u.t() @ u
+    t_inv = torch.triu(gram, diagonal=1) + 0.5 * torch.eye(r, device=u.device, dtype=u.dtype)
+    eye = torch.eye(r, device=u.device, dtype=u.dtype)
+    return torch.linalg.solve_triangular(t_inv, eye, upper=True)
+
+
+def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning u's columns in order (classical Gram-Schmidt, computed by QR).
+
+    QR may flip a column's sign against Gram-Schmidt; the reflection ``I - 2 Q Q^T`` does not see signs.
+    """
+    q, _ = torch.linalg.qr(u, mode="reduced")
+    return q
+
+
+def householder_rotate_input(x: torch.Tensor, u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
+    """``x @ H^T`` for HRA's ``H = H_0 ... H_{r-1}`` (or ``I - 2QQ^T`` with Gram-Schmidt), at O(tokens * d * r)."""
+    u = u.to(x.dtype)
+    if apply_gs:
+        q = gram_schmidt(u)
+        return x - 2.0 * (x @ q) @ q.t()
+    u = normalize_columns(u)
+    t = householder_t_factor(u)
+    return x - ((x @ u) @ t.t()) @ u.t()
+
+
+def householder_dense(u: torch.Tensor, apply_gs: bool, transpose: bool = False) -> torch.Tensor:
+    """Reference: the d x d matrix H (or H^T) built reflection by reflection, as in the HRA paper."""
+    d, r = u.shape
+    eye = torch.eye(d, device=u.device, dtype=u.dtype)
+    if apply_gs:
+        q = gram_schmidt(u)
+        return eye - 2.0 * q @ q.t()
+    u = normalize_columns(u)
+    h = eye
+    for i in (reversed(range(r)) if transpose else range(r)):
+        ui = u[:, i : i + 1]
+        h = h - 2.0 * (h @ ui) @ ui.t()
+    return h
+
+
+def householder_orthogonality_loss(u: torch.Tensor) -> torch.Tensor:
+    """HRA's regulariser: ``||U^T U - I||_F^2`` for the unit reflection planes U (d, r)."""
+    un = normalize_columns(u)
+    gram = un.t() @ un
+    return (gram - torch.eye(gram.shape[0], device=u.device, dtype=u.dtype)).pow(2).sum()
