@@ -21,15 +21,13 @@ def miss_case(id, model, ref=True, **kwargs):
 QV = ["q_proj", "v_proj"]
 CASES = [
     miss_case("miss-llama", "llama", r=4, target_modules=QV),
-    # 32 and 48 are not multiples of 5: the input is zero-padded to whole shards
-    miss_case("miss-llama-padded", "llama", r=5, target_modules=["q_proj", "v_proj", "down_proj"]),
-    miss_case("miss-llama-random-init", "llama", r=4, target_modules=QV, init_weights=False),
+    # 32 and 48 are not multiples of 5: the input is zero-padded to whole shards; random init; trained biases
+    miss_case("miss-llama-padded-random-bias", "llama", r=5, target_modules=["q_proj", "v_proj", "down_proj"],
+              init_weights=False, bias="MiSS_only"),
     miss_case("mini-llama", "llama", r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "v_proj", "up_proj"]),
     miss_case("bat-llama", "llama", r=4, init_weights="bat", target_modules="all-linear"),
-    miss_case("miss-llama-bias", "llama", r=4, target_modules=["q_proj"], bias="MiSS_only"),
     miss_case("miss-vit", "vit", r=4, target_modules=QV, modules_to_save=["classifier"]),
     miss_case("bat-vit", "vit", r=8, init_weights="bat", target_modules=QV, modules_to_save=["classifier"]),
-    miss_case("mini-vit", "vit", r=4, mini_r=4, init_weights="mini", target_modules=QV, modules_to_save=["classifier"]),
     # GPT-2's Conv1D (weight stored in x out): Hugging Face PEFT's MiSS does not support it, so no parity case
     miss_case("miss-gpt2-conv1d", "gpt2", ref=False, r=4, target_modules=["c_attn", "c_proj"]),
     miss_case("bat-gpt2-conv1d", "gpt2", ref=False, r=4, init_weights="bat", target_modules=["c_attn"]),

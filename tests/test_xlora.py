@@ -270,3 +270,38 @@ def test_parity_with_peft(base, experts, kwargs):
     torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.get_latest_scalings(), ref.get_latest_scalings(), atol=1e-6, rtol=1e-6)
     assert (expected - logits(base)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_name,targets", [("llama", ["embed_tokens", "q_proj"]), ("gpt2", ["c_attn"])],
+                         ids=["embedding-experts", "gpt2-conv1d-experts"])
+def test_other_layer_types_match_peft_and_single_lora(model_name, targets, tmp_path):
+    """Experts on nn.Embedding and on GPT-2's Conv1D: forced gate = that LoRA; dense gate = PEFT's X-LoRA."""
+    spec = MODELS[model_name]
+    base_model = spec.build()
+    paths = {}
+    for i in range(2):
+        torch.manual_seed(20 + i)
+        m = peftkit.get_peft_model(copy.deepcopy(base_model), LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+        m.save_pretrained(tmp_path / str(i))
+        paths[str(i)] = str(tmp_path / str(i))
+    kw = spec.inputs(2)
+    forced = peftkit.get_peft_model(copy.deepcopy(base_model), XLoraConfig(adapters=paths, enable_softmax=False, top_k_lora=1)).eval()
+    with torch.no_grad():
+        gate_out(forced).weight.zero_()
+        gate_out(forced).bias.copy_(torch.tensor([0.0, 1.0]))
+        single = peftkit.PeftModel.from_pretrained(copy.deepcopy(base_model), paths["1"]).eval()
+        torch.testing.assert_close(forced(**kw).logits, single(**kw).logits, atol=1e-5, rtol=1e-5)
+    if model_name == "gpt2":
+        return  # PEFT 0.21's X-LoRA cannot load GPT-2 experts (its key rewriting expects a 'model.' prefix)
+    peft = pytest.importorskip("peft")
+    ref_base = copy.deepcopy(base_model)
+    ref_base.config.use_cache = False
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(ref_base, peft.XLoraConfig(hidden_size=32, adapters=dict(paths))).eval()
+    ours = peftkit.get_peft_model(copy.deepcopy(base_model), XLoraConfig(adapters=paths)).eval()
+    gate = {k.split("internal_xlora_classifier.", 1)[1]: v * 5 for k, v in ref.state_dict().items()
+            if "internal_xlora_classifier." in k}
+    ours.base_model.internal_xlora_classifier.load_state_dict(gate)
+    ref.base_model.internal_xlora_classifier.load_state_dict(gate)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)
