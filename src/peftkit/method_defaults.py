@@ -1,0 +1,222 @@
+"""Per-method defaults for ``peftkit train`` / ``peftkit bench``, and ``--method-option key=value`` parsing.
+
+Methods come from the registry (every registered method is usable by name), plus two reference rows that are not
+adapters: ``full`` (full fine-tuning) and ``head`` (alias ``linear-probe``: only the classifier head trains).
+Defaults below only fill what a method needs to run on a sequence classifier; anything else is the config class's
+own default, and every field can be overridden with ``--method-option``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import typing
+from typing import Any, Callable, Optional, Union
+
+import torch.nn as nn
+
+from .config import PeftConfig, TaskType
+from .registry import get_method, supported_methods
+
+FULL = "full"
+HEAD = "head"
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message says what to do. The CLI prints it without a traceback."""
+
+
+PSEUDO_METHODS = {FULL: "full fine-tuning (every parameter trains)", HEAD: "only the classifier head trains"}
+ALIASES = {"linear-probe": HEAD, "linear_probe": HEAD, "full-finetuning": FULL, "ft": FULL}
+
+# Names of attention input projections across model families, in the order we prefer them.
+ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn", "query_key_value",
+                         "qkv_proj", "qkv", "Wqkv", "q_lin", "k_lin", "v_lin", "q", "k", "v")
+
+# Config overrides per peft_type. A callable receives the total number of optimiser steps.
+METHOD_OVERRIDES: dict[str, Union[dict[str, Any], Callable[[int], dict[str, Any]]]] = {
+    "LORA": {"r": 8, "lora_alpha": 16},
+    "ADALORA": lambda steps: {"init_r": 12, "target_r": 8, "lora_alpha": 16, "total_step": max(steps, 3),
+                              "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)},
+}
+
+# Learning rates used when --lr is not given (the survey swept {1e-3, 1e-4, 1e-5}; one value per family here).
+DEFAULT_LR = {FULL: 5e-5, HEAD: 1e-3}
+ADAPTER_LR = 1e-3
+
+# Methods that cannot be built from defaults alone, with what the user must provide.
+NEEDS_INPUT = {
+    "XLORA": "X-LoRA mixes already trained LoRA experts: train them first (peftkit train --method lora --out DIR) "
+             "and pass --method-option adapters='{\"a\": \"DIR_A\", \"b\": \"DIR_B\"}'.",
+}
+
+
+def available_methods() -> list[str]:
+    """Every name ``--method`` accepts (registered methods in lower case, then the reference rows)."""
+    return [m.lower() for m in supported_methods()] + list(PSEUDO_METHODS)
+
+
+def resolve_method(name: str) -> str:
+    """Canonical method name: a registry key (``"LORA"``) or ``"full"`` / ``"head"``; clear error otherwise."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in PSEUDO_METHODS:
+        return key
+    upper = key.upper().replace("-", "_")
+    if upper in supported_methods():
+        return upper
+    close = difflib.get_close_matches(name.lower(), available_methods(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UsageError(f"Unknown method {name!r}.{hint} Supported: {', '.join(available_methods())}.")
+
+
+def attention_targets(model: nn.Module) -> list[str]:
+    """Leaf names of the attention input projections (linear layers) of ``model``."""
+    present = set()
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        if is_linear and name:
+            present.add(name.rsplit(".", 1)[-1])
+    found = [n for n in ATTENTION_PROJECTIONS if n in present]
+    # single-letter names (T5's q/k/v) only count when no longer name matched
+    long_names = [n for n in found if len(n) > 1]
+    return long_names or found
+
+
+# ------------------------------------------------------------------------------------------- option parsing
+def _literal(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def _convert(value: Any, text: str, tp: Any) -> tuple[bool, Any]:
+    """(ok, converted) for one candidate type ``tp``; strings are tried last by the caller."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if tp is type(None):
+        return value is None, None
+    if origin is typing.Literal:
+        return value in typing.get_args(tp), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return True, tp(str(value).upper() if isinstance(value, str) else value)
+        except ValueError:
+            return False, None
+    if tp is list or origin in (list, tuple, set):
+        args = typing.get_args(tp)
+        items = value if isinstance(value, list) else (text.split(",") if isinstance(value, str) and value else None)
+        if items is None:
+            return False, None
+        if args and args[0] is not Any:
+            converted = []
+            for item in items:
+                ok, v = _convert(_literal(item) if isinstance(item, str) else item, str(item), args[0])
+                if not ok and args[0] is str:
+                    ok, v = True, str(item)
+                if not ok:
+                    return False, None
+                converted.append(v)
+            items = converted
+        return True, list(items)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
+    if tp is str:
+        return isinstance(value, str), value
+    return False, None
+
+
+def _candidates(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) is Union:
+        out = []
+        for arg in typing.get_args(tp):
+            out.extend(_candidates(arg))
+        return out
+    return [tp]
+
+
+def parse_method_options(config_cls: type, options: list[str]) -> dict[str, Any]:
+    """Turn ``["r=8", "target_modules=query,value"]`` into typed kwargs of ``config_cls``.
+
+    Values are read as JSON (``true``, ``0.1``, ``[1, 2]``, ``{"a": 1}``) or Python literals (``True``/``None``);
+    a comma list becomes a list where the field takes one; anything else stays a string where the field allows it.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.name != "peft_type"}
+    hints = typing.get_type_hints(config_cls)
+    out: dict[str, Any] = {}
+    for option in options:
+        if "=" not in option:
+            raise UsageError(f"--method-option {option!r}: write it as key=value (e.g. r=8).")
+        key, text = (s.strip() for s in option.split("=", 1))
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise UsageError(f"Unknown option {key!r} for {config_cls.__name__}.{hint} Valid options: {', '.join(fields)}.")
+        value = _literal(text)
+        cands = _candidates(hints.get(key, Any))
+        ordered = [c for c in cands if c is not str] + [c for c in cands if c is str]
+        quoted = text.startswith('"') and isinstance(value, str)
+        if (quoted or text == "all-linear") and str in cands:  # '"regex"' and all-linear are strings, not lists
+            ordered = [str]
+        for tp in ordered:
+            ok, converted = _convert(value if tp is not str else (value if isinstance(value, str) else text), text, tp)
+            if ok:
+                out[key] = converted
+                break
+        else:
+            tp_name = getattr(hints.get(key), "__name__", str(hints.get(key))).replace("typing.", "")
+            raise UsageError(f"--method-option {key}={text}: {config_cls.__name__}.{key} takes {tp_name}.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- building configs
+def method_overrides(method: str, total_steps: int) -> dict[str, Any]:
+    entry = METHOD_OVERRIDES.get(method, {})
+    return dict(entry(total_steps) if callable(entry) else entry)
+
+
+def build_method_config(
+    method: str, model: nn.Module, options: Optional[list[str]] = None, total_steps: int = 100
+) -> PeftConfig:
+    """The config ``peftkit train --method <method>`` uses on ``model`` (a sequence classifier).
+
+    Order of precedence: ``--method-option`` values, then :data:`METHOD_OVERRIDES`, then the config's defaults;
+    ``target_modules`` defaults to the model's attention projections, ``total_step`` to the run's step count.
+    """
+    spec = get_method(method)
+    cls = spec.config_cls
+    names = {f.name for f in dataclasses.fields(cls)}
+    user = parse_method_options(cls, options or [])
+    if method in NEEDS_INPUT and not user:
+        raise UsageError(f"--method {method.lower()}: {NEEDS_INPUT[method]}")
+    kwargs: dict[str, Any] = {k: v for k, v in method_overrides(method, total_steps).items() if k in names}
+    if "target_modules" in names and "target_modules" not in user:
+        targets = attention_targets(model)
+        if not targets:
+            raise UsageError(f"Could not find attention projections in {type(model).__name__} to adapt; pass "
+                             "--method-option target_modules=NAME1,NAME2 (or target_modules=all-linear).")
+        kwargs["target_modules"] = targets
+    if "num_virtual_tokens" in names and "num_virtual_tokens" not in user:
+        kwargs["num_virtual_tokens"] = 20
+    if "total_step" in names and "total_step" not in user and kwargs.get("total_step") is None:
+        kwargs["total_step"] = max(total_steps, 3)
+    kwargs.update(user)
+    kwargs["task_type"] = TaskType.SEQ_CLS
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"Invalid options for --method {method.lower()}: {exc}") from None
+
+
+def default_lr(method: str) -> float:
+    return DEFAULT_LR.get(method, ADAPTER_LR)
