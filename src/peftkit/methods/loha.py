@@ -7,12 +7,15 @@ rank up to r^2 with the parameter count of a rank-2r LoRA. Convolutions flatten 
 ``hada_w*_a (r, out)``, ``hada_w*_b (r, in)``. Parameter names, shapes, init and scaling follow Hugging Face PEFT,
 so checkpoints move between the two libraries unchanged.
 
-Forward paths of a Linear layer (see :meth:`LoHaLayer.forward_path`):
+Forward paths of a Linear layer (see :meth:`LoHaLayer.forward_path`; ``layer.forward_paths`` shows them all):
 
-- ``"factored"``: ``(x Q^T) P^T`` with the rank-r^2 Khatri-Rao factors P, Q, used when
-  ``r^2 (in + out) < in * out`` (large layers): the delta is never built.
-- ``"recompute"``: the delta is built in the input's dtype, used once, and rebuilt in backward (a custom autograd
-  function) rather than kept alive between forward and backward.
+- ``"merged"``: the base product and every such adapter in ONE matmul with ``W + sum delta``, in a custom autograd
+  function that rebuilds the merged weight in backward. Against a separate delta branch this saves one forward
+  and one input-gradient (out, in) product per step, and nothing of size (out, in) is kept for backward.
+- ``"factored"``: ``(x Q^T) P^T`` with the rank-r^2 Khatri-Rao factors P, Q, chosen when three rank-r^2 passes
+  cost less than one (out, in) product, ``3 r^2 (in + out) < in * out`` (large layers): the delta is never built.
+- ``"recompute"``: a separate delta branch whose delta is rebuilt in backward rather than kept; used instead of
+  ``"merged"`` while rank dropout is active in training, or when the base layer is itself wrapped.
 - ``"reference"``: plain autograd through the delta (set ``layer.fast_path = False``); used by tests.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -160,14 +163,18 @@ class LycorisLayerBase(AdapterLayer):
     def _linear_delta_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def apply_adapter(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._skip_module(adapter_name):
-            return result
+    def _delta_out(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the output (rank dropout applied), in the result's dtype."""
         if self.kernel_size is None:
             delta_out = self._linear_delta_out(adapter_name, x)
         else:
             delta_out = self._conv_delta_out(x, self._delta_in_dtype(adapter_name, x.dtype))
-        return result + self._apply_rank_dropout(adapter_name, delta_out).to(result.dtype)
+        return self._apply_rank_dropout(adapter_name, delta_out).to(result.dtype)
+
+    def apply_adapter(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._skip_module(adapter_name):
+            return result
+        return result + self._delta_out(adapter_name, x, result)
 
     def _delta_in_dtype(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -234,15 +241,18 @@ class LoHaLayer(LycorisLayerBase):
         return self._delta_in_dtype(adapter_name, None)
 
     def forward_path(self, adapter_name: str) -> str:
-        """Which computation the unmerged forward uses for this adapter: ``"factored"``, ``"recompute"``,
-        ``"reference"`` (Linear) or ``"conv-delta"`` (convolutions build the delta kernel)."""
+        """Which computation the unmerged forward uses for this adapter: ``"merged"``, ``"factored"``,
+        ``"recompute"`` or ``"reference"`` (Linear; see the module docstring), ``"conv-delta"`` (convolutions
+        build the delta kernel)."""
         if self.kernel_size is not None:
             return "conv-delta"
         if not self.fast_path:
             return "reference"
-        if ops.loha_factored_is_cheaper(self.r[adapter_name], self.in_features, self.out_features):
+        if not ops.loha_merged_is_cheaper(self.r[adapter_name], self.in_features, self.out_features):
             return "factored"
-        return "recompute"
+        if isinstance(self.base_layer, AdapterLayer) or (self.training and self.rank_dropout[adapter_name] > 0):
+            return "recompute"
+        return "merged"
 
     @property
     def forward_paths(self) -> dict[str, str]:
@@ -254,9 +264,25 @@ class LoHaLayer(LycorisLayerBase):
         path = self.forward_path(adapter_name)
         if path == "factored":
             return ops.loha_linear_factored(x, *factors, s)
-        if path == "recompute":
+        if path in ("recompute", "merged"):
             return ops.loha_linear_recompute(x, *factors, s)
         return ops.loha_linear_reference(x, *factors, s)
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kernel_size is not None or args or kwargs:
+            return super().forward_adapters(x, names, *args, **kwargs)
+        names = [n for n in names if not self._skip_module(n)]
+        merged = [n for n in names if self.forward_path(n) == "merged"]
+        if merged:
+            base = self.get_base_layer()
+            adapters = [(*self._factors(n), self.scaling[n]) for n in merged]
+            result = ops.loha_merged_linear(x, base.weight, base.bias, adapters)
+        else:
+            result = self.base_layer(x)
+        for n in names:
+            if n not in merged:
+                result = result + self._delta_out(n, x, result)
+        return result
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, paths={self.forward_paths}"

@@ -133,6 +133,81 @@ def loha_linear_recompute(x: torch.Tensor, w1_a, w1_b, w2_a, w2_b, scale: float)
     return _HadaLinear.apply(x, w1_a, w1_b, w2_a, w2_b, scale)
 
 
+class _HadaMergedLinear(torch.autograd.Function):
+    """``y = x (W + sum_i delta_i)^T + bias`` in one matmul, for any number of LoHa adapters on one Linear.
+
+    Against ``base(x) + x delta^T`` this saves a full forward and a full input-gradient product: the adapters
+    cost one extra (out, in) product per step (the delta gradient ``g^T x``, shared by all adapters and by W when
+    it trains). Saved for backward: x, W, bias and the factors; the merged weight is rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scales, *factors):  # type: ignore[override]
+        dtype = x.dtype
+        merged = _merged_weight(weight, scales, factors, dtype)
+        out = F.linear(x, merged, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, weight, *factors)
+        ctx.scales = scales
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, *factors = ctx.saved_tensors
+        scales = ctx.scales
+        dtype = grad_out.dtype
+        need = ctx.needs_input_grad
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_x = grad_w = grad_b = None
+        if need[0]:
+            grad_x = (g @ _merged_weight(weight, scales, factors, dtype)).reshape(x.shape)
+        if ctx.has_bias and need[2]:
+            grad_b = g.sum(0)
+        grad_factors: list = [None] * len(factors)
+        if need[1] or any(need[4:]):
+            gd = g.t() @ x.reshape(-1, x.shape[-1])  # (out, in): dL/dW = dL/d(delta)
+            if need[1]:
+                grad_w = gd.to(weight.dtype)
+            for i, s in enumerate(scales):
+                ws = factors[4 * i: 4 * i + 4]
+                if not any(need[4 + 4 * i: 8 + 4 * i]):
+                    continue
+                a1, b1, a2, b2 = (t.to(dtype) for t in ws)
+                g1 = gd * (a2 @ b2)
+                g1.mul_(s)
+                grads = [g1 @ b1.t(), a1.t() @ g1]
+                g1 = None
+                g2 = gd * (a1 @ b1)
+                g2.mul_(s)
+                grads += [g2 @ b2.t(), a2.t() @ g2]
+                for j in range(4):
+                    if need[4 + 4 * i + j]:
+                        grad_factors[4 * i + j] = grads[j].to(ws[j].dtype)
+        return (grad_x, grad_w, grad_b, None, *grad_factors)
+
+
+def _merged_weight(weight, scales, factors, dtype) -> torch.Tensor:
+    merged = weight.to(dtype).clone()
+    for i, s in enumerate(scales):
+        a1, b1, a2, b2 = (t.to(dtype) for t in factors[4 * i: 4 * i + 4])
+        merged.add_((a1 @ b1).mul_(a2 @ b2), alpha=s)
+    return merged
+
+
+def loha_merged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], adapters) -> torch.Tensor:
+    """Base linear plus every LoHa adapter in ``adapters`` (tuples ``(w1_a, w1_b, w2_a, w2_b, scale)``) as one
+    matmul with the merged weight; see :class:`_HadaMergedLinear`."""
+    scales = tuple(float(a[4]) for a in adapters)
+    flat = [t for a in adapters for t in a[:4]]
+    return _HadaMergedLinear.apply(x, weight, bias, scales, *flat)
+
+
+def loha_merged_is_cheaper(rank: int, in_features: int, out_features: int) -> bool:
+    """Merged-weight path vs rank-r^2 factored path, per token of a training step: the merged path adds one
+    (out, in) product (the delta gradient); the factored path adds three rank-r^2 passes over in + out."""
+    return 3 * rank * rank * (in_features + out_features) >= in_features * out_features
+
+
 def khatri_rao_factors(w1_a, w1_b, w2_a, w2_b) -> tuple[torch.Tensor, torch.Tensor]:
     """(P (out, r1*r2), Q (r1*r2, in)) with ``P @ Q == (w1_a @ w1_b) * (w2_a @ w2_b)``: the Hadamard product of
     two rank-r products is a rank-r^2 product of row-wise Kronecker products of the factors."""
@@ -144,15 +219,11 @@ def khatri_rao_factors(w1_a, w1_b, w2_a, w2_b) -> tuple[torch.Tensor, torch.Tens
 
 
 def loha_linear_factored(x: torch.Tensor, w1_a, w1_b, w2_a, w2_b, scale: float) -> torch.Tensor:
-    """Delta output through the rank-r^2 factorisation ``((x Q^T) P^T) * s``: cheaper than building the delta
-    when ``r^2 * (in + out) < in * out`` (large layers)."""
+    """Delta output through the rank-r^2 factorisation ``((x Q^T) P^T) * s``: for large layers, where three
+    rank-r^2 passes cost less than one (out, in) product (see :func:`loha_merged_is_cheaper`)."""
     dtype = x.dtype
     p, q = khatri_rao_factors(w1_a.to(dtype), w1_b.to(dtype), w2_a.to(dtype), w2_b.to(dtype))
     return F.linear(F.linear(x, q), p) * scale
-
-
-def loha_factored_is_cheaper(rank: int, in_features: int, out_features: int) -> bool:
-    return rank * rank * (in_features + out_features) < in_features * out_features
 
 
 # ------------------------------------------------------------------------------------------ LoKr forward paths
