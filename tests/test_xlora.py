@@ -172,6 +172,10 @@ def test_save_load_round_trip_exact(base, experts, tmp_path):
     saved = json.load(open(tmp_path / "adapter_config.json"))
     assert saved["peft_type"] == "XLORA" and saved["top_k_lora"] == 2 and saved["hidden_size"] == 32
     assert set(saved["adapters"]) == {"0", "1", "2"}
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(tmp_path / "adapter_model.safetensors")) == [
+        f"base_model.internal_xlora_classifier.layers.{i}.{w}" for i in (0, 3) for w in ("bias", "weight")]
     loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert torch.equal(logits(loaded), expected)
     assert torch.equal(loaded.get_latest_scalings(), model.get_latest_scalings())
@@ -305,3 +309,19 @@ def test_other_layer_types_match_peft_and_single_lora(model_name, targets, tmp_p
     ref.base_model.internal_xlora_classifier.load_state_dict(gate)
     with torch.no_grad():
         torch.testing.assert_close(ours(**kw).logits, ref(**kw).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_loads_our_checkpoint(base, experts, tmp_path):
+    """Our saved gate (+ config) loads in Hugging Face PEFT's X-LoRA (which needs the expert folders passed again)."""
+    peft = pytest.importorskip("peft")
+    ours = xlora(base, experts, xlora_depth=2, xlora_size=16).eval()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in ours.base_model.internal_xlora_classifier.parameters():
+            p.add_(torch.randn_like(p))
+    expected = logits(ours)
+    ours.save_pretrained(tmp_path)
+    ref_base = copy.deepcopy(base)
+    ref_base.config.use_cache = False
+    theirs = peft.PeftModel.from_pretrained(ref_base, str(tmp_path), adapters=dict(experts)).eval()
+    torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=1e-5)

@@ -59,20 +59,27 @@ def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str,
 
 def get_adapter_state_dict(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as in a PEFT checkpoint."""
-    return {CHECKPOINT_PREFIX + k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
+    out = {CHECKPOINT_PREFIX + k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
+    out.update({k: v.detach() for k, v in model.engine_adapter_tensors(adapter_name).items()})
+    return out
 
 
 def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
     """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every shape fits."""
     targets = adapter_parameter_map(model, adapter_name)
+    engine = model.engine_adapter_tensors(adapter_name)  # full checkpoint keys
     plan = []
     unexpected = []
     for key, value in state_dict.items():
-        short = key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else key
-        if short not in targets:
+        if key in engine:
+            short, targets_for_key = key, engine
+        else:
+            short = key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else key
+            targets_for_key = targets
+        if short not in targets_for_key:
             unexpected.append(key)
             continue
-        live = targets[short]
+        live = targets_for_key[short]
         if tuple(live.shape) != tuple(value.shape):
             raise ValueError(
                 f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects {tuple(live.shape)}. "
@@ -88,6 +95,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
         )
     loaded = {id(live) for live, _ in plan}
     missing = [CHECKPOINT_PREFIX + k for k, t in targets.items() if id(t) not in loaded]
+    missing += [k for k, t in engine.items() if id(t) not in loaded]
     if unexpected:
         logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(unexpected[:10]))
     if missing:

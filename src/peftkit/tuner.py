@@ -79,6 +79,11 @@ class AdapterModel(nn.Module):
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """Called after a checkpoint was copied into ``adapter_name``."""
 
+    def engine_adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Saved tensors that live on the engine itself, outside ``self.model`` (e.g. X-LoRA's gate), keyed by
+        their full checkpoint key (``base_model.<attribute path>``, as Hugging Face PEFT names them)."""
+        return {}
+
     # ------------------------------------------------------------------------------------------ injection
     def _resolve_targets(self, config: TargetedConfig, spec: MethodSpec) -> TargetedConfig:
         if config.target_modules is None:

@@ -12,7 +12,8 @@ Each forward of the model runs twice:
 
 The scalings reach the layers through an attribute (``xlora_scalings``) set on each layer for the duration of one
 model call by forward hooks on the wrapped model, so ``generate()`` gets the two passes at every step too. Only the
-gate is trained and saved (with the config); the experts are read from the LoRA checkpoints named in ``adapters``.
+gate is trained and saved (with the config, under PEFT's key names, so PEFT's X-LoRA reads it given the same
+``adapters``); the experts are not copied: they are read from the LoRA checkpoints named in ``adapters``.
 """
 
 from __future__ import annotations
@@ -544,9 +545,9 @@ class XLoraModel(AdapterModel):
         self.xlora_config.scaling_pass_value = 1 / len(self.expert_names) if value is None else value
 
     # ---- engine hooks
-    def extra_adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        # Keys are relative to the wrapped model; the gate is saved under ``<GATE_NAME>.layers.<i>.{weight,bias}``.
-        return {f"{GATE_NAME}.{k}": p for k, p in self.gate.named_parameters()}
+    def engine_adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        # The gate lives on the engine, so its keys are PEFT's: base_model.internal_xlora_classifier.layers.<i>.*
+        return {f"base_model.{GATE_NAME}.{k}": p for k, p in self.gate.named_parameters()}
 
     def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
         super().set_adapter(adapter_names)
