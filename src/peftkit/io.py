@@ -7,6 +7,7 @@ Loading never unpickles arbitrary objects: safetensors first, ``torch.load(weigh
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from typing import Any, Optional, Union
 
@@ -65,7 +66,14 @@ def load_tensors(path: Union[str, os.PathLike], device: Union[str, torch.device]
         from safetensors.torch import load_file
 
         return load_file(path, device=str(device))
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only=True refuses any pickled object that is not a plain tensor container (e.g. code to run).
+        raise ValueError(
+            f"Refusing to load {path}: it contains pickled objects other than tensors, which could run code. "
+            "Re-save the adapter as safetensors with a trusted tool."
+        ) from exc
 
 
 def resolve_file(
@@ -86,27 +94,37 @@ def resolve_file(
             present = ", ".join(sorted(os.listdir(local_dir))) or "nothing"
             raise FileNotFoundError(f"No {filename} in {local_dir} (it holds: {present}).")
         return None
-    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path!r} is not a folder with an adapter in it.")
+    if os.path.isdir(name_or_path):  # the folder exists, the sub-folder does not
+        present = ", ".join(sorted(os.listdir(name_or_path))) or "nothing"
+        raise FileNotFoundError(f"No sub-folder {subfolder!r} in {name_or_path} (it holds: {present}).")
+    if os.path.isfile(name_or_path):
+        raise FileNotFoundError(f"{name_or_path!r} is a file; pass the folder that holds {filename}.")
+    if name_or_path.startswith((".", "/", "~", "\\")) or os.path.isabs(name_or_path) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"No such folder: {name_or_path!r} (it cannot be a hub repository id either).")
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise FileNotFoundError(f"{name_or_path!r} is not a local folder and huggingface_hub is not installed.")
     allowed = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir", "force_download", "local_files_only")}
     try:
         return hf_hub_download(name_or_path, filename, subfolder=subfolder, **allowed)
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"The hub repository {name_or_path!r} has no {filename}.") from None
-        return None
-    except Exception as exc:  # network errors, unknown repo ids
+    except Exception as exc:  # network errors, unknown repo ids, offline mode
         if not required:
             return None
-        raise FileNotFoundError(
-            f"Could not find {filename} for {name_or_path!r}: it is not a local folder, and fetching it from the "
-            f"Hugging Face hub failed ({type(exc).__name__}: {exc})."
-        ) from exc
+        where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
+        if isinstance(exc, LocalEntryNotFoundError):
+            reason = (f"there is no local folder of that name, and {filename} of hub repository {where!r} is not in "
+                      "the local cache (offline mode, or no network). Check the path, or go online and retry.")
+        elif isinstance(exc, EntryNotFoundError):
+            reason = f"the hub repository {where!r} has no {filename}."
+        elif isinstance(exc, RepositoryNotFoundError):
+            reason = ("there is no local folder of that name and no hub repository either (if it is private, pass "
+                      "token=...).")
+        else:
+            reason = (f"it is not a local folder, and fetching {filename} from the Hugging Face hub failed "
+                      f"({type(exc).__name__}: {exc}).")
+        raise FileNotFoundError(f"Cannot load {name_or_path!r}: {reason}") from exc
 
 
 def resolve_weights_file(name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None, **hub_kwargs: Any) -> str:

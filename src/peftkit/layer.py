@@ -32,15 +32,33 @@ BASE_ADAPTER = "__base__"  # in adapter_names=: this row uses no adapter
 class MixedBatch:
     """Per-row adapter choice for one forward call: ``names[i]`` is the adapter for row ``i``."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], expandable: bool = False):
         self.names = list(names)
+        # generate() repeats each row k times (beam search, num_return_sequences) after the encoder has run, so a
+        # layer may see k * len(names) rows: row j then belongs to names[j // k] (repeat_interleave order).
+        self.expandable = expandable
         self._groups: dict[str, list[int]] = {}
         for i, n in enumerate(self.names):
             self._groups.setdefault(n, []).append(i)
         self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._expanded: dict[int, "MixedBatch"] = {}
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def for_rows(self, rows: int) -> "MixedBatch":
+        """This batch, or its row-repeated version when a generate() call expanded the inputs to ``rows`` rows."""
+        n = len(self.names)
+        if rows == n:
+            return self
+        if self.expandable and n and rows % n == 0:
+            if rows not in self._expanded:
+                k = rows // n
+                self._expanded[rows] = MixedBatch([name for name in self.names for _ in range(k)])
+            return self._expanded[rows]
+        raise ValueError(
+            f"adapter_names has {n} entries but the batch has {rows} rows; give one adapter name per row."
+        )
 
     @property
     def groups(self) -> dict[str, list[int]]:
@@ -161,12 +179,7 @@ class AdapterLayer(nn.Module):
         if self.mixed_batch is not None:
             if self.merged:
                 raise ValueError("adapter_names= cannot be used while adapters are merged; call unmerge_adapter() first.")
-            if x.shape[0] != len(self.mixed_batch):
-                raise ValueError(
-                    f"adapter_names has {len(self.mixed_batch)} entries but the batch has {x.shape[0]} rows; give one "
-                    "adapter name per row."
-                )
-            return self.forward_mixed(x, self.mixed_batch, *args, **kwargs)
+            return self.forward_mixed(x, self.mixed_batch.for_rows(x.shape[0]), *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         names = [n for n in self.active_adapters if n in self.adapter_configs]
@@ -194,6 +207,18 @@ class AdapterLayer(nn.Module):
 
     def _weight_param(self) -> nn.Parameter:
         return self.get_base_layer().weight
+
+    def first_nonfinite_merge(self, adapter_names: Sequence[str]) -> Optional[str]:
+        """Dry run of :meth:`merge`: the first adapter whose merge would make the weights NaN/inf, or None."""
+        weight = self._weight_param().data
+        with torch.no_grad():
+            for name in adapter_names:
+                if name not in self.adapter_configs or name in self.merged_adapters:
+                    continue
+                weight = self.merged_weight(name, weight)
+                if not torch.isfinite(weight).all():
+                    return name
+        return None
 
     def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         names = list(self.active_adapters if adapter_names is None else adapter_names)
@@ -264,11 +289,12 @@ class ModulesToSaveWrapper(nn.Module):
         if self.adapters_disabled or (self.active_adapter is None and self.mixed_batch is None):
             return self.original_module(x, *args, **kwargs)
         if self.mixed_batch is not None:
+            batch = self.mixed_batch.for_rows(x.shape[0])
             result = self.original_module(x, *args, **kwargs)
             out = result.clone()
-            for name in self.mixed_batch.groups:
+            for name in batch.groups:
                 if name in self.modules_to_save:
-                    rows = self.mixed_batch.rows(name, x.device)
+                    rows = batch.rows(name, x.device)
                     out[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
             return out
         return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
@@ -283,12 +309,15 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 @contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Optional[Sequence[str]]) -> Iterator[None]:
-    """For one call, make each adapter layer apply ``adapter_names[i]`` to row ``i``."""
+def mixed_batch(model: nn.Module, adapter_names: Optional[Sequence[str]], expandable: bool = False) -> Iterator[None]:
+    """For one call, make each adapter layer apply ``adapter_names[i]`` to row ``i``.
+
+    ``expandable=True`` (generate) lets layers see each row repeated k times in a row (beams, several sequences).
+    """
     if adapter_names is None:
         yield
         return
-    batch = MixedBatch(adapter_names)
+    batch = MixedBatch(adapter_names, expandable=expandable)
     layers = [m for m in model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
     for m in layers:
         m.mixed_batch = batch

@@ -95,7 +95,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         self._check_adapter_names(adapter_names)
-        with mixed_batch(self.base_model.model, adapter_names):
+        with mixed_batch(self.base_model.model, adapter_names, expandable=True):
             return self.base_model.model.generate(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------- parameters
@@ -120,8 +120,8 @@ class PeftModel(nn.Module):
         self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, *, _loading: bool = False
     ) -> None:
         peft_config = copy.deepcopy(peft_config)
-        first = next(iter(self.peft_config.values()))
-        if peft_config.base_model_name_or_path is None:
+        first = next(iter(self.peft_config.values()), None)  # None after every adapter was deleted
+        if peft_config.base_model_name_or_path is None and first is not None:
             peft_config.base_model_name_or_path = first.base_model_name_or_path
         self._prepare_config(self.base_model.model, peft_config)
         self.base_model.inject_adapter(adapter_name, peft_config, loading=_loading)
@@ -199,7 +199,7 @@ class PeftModel(nn.Module):
         try:
             set_adapter_state_dict(self.base_model, weights, adapter_name)
         except Exception:
-            self.base_model.delete_adapter(adapter_name)
+            self.base_model._discard_partial_adapter(adapter_name)  # the model is left as it was
             raise
         if not is_trainable:
             for _, layer in self.base_model.adapter_layers():
@@ -223,8 +223,16 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         weights = load_tensors(resolve_weights_file(model_id, subfolder=subfolder, **hub_kwargs))
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         peft_model = target_cls(model, config, adapter_name, _loading=True)
-        set_adapter_state_dict(peft_model.base_model, weights, adapter_name)
+        try:
+            set_adapter_state_dict(peft_model.base_model, weights, adapter_name)
+        except Exception:
+            # A checkpoint that does not fit leaves the user's model as it was: unwrapped, flags restored.
+            peft_model.base_model._discard_partial_adapter(adapter_name)
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            raise
         if not is_trainable:
             for p in peft_model.parameters():
                 p.requires_grad_(False)

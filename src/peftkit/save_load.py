@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .layer import ModulesToSaveWrapper
+from .layer import AdapterLayer, ModulesToSaveWrapper
 
 if TYPE_CHECKING:
     from .tuner import AdapterModel
@@ -59,15 +59,46 @@ def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str,
 
 def get_adapter_state_dict(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as in a PEFT checkpoint."""
-    out = {CHECKPOINT_PREFIX + k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
+    tensors = {k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
+    tensors = model.adapter_tensors_to_save(adapter_name, tensors)
+    out = {CHECKPOINT_PREFIX + k: v for k, v in tensors.items()}
     out.update({k: v.detach() for k, v in model.engine_adapter_tensors(adapter_name).items()})
     return out
 
 
+def _embedding_base_map(model: "AdapterModel") -> dict[str, torch.Tensor]:
+    """Keys under which Hugging Face PEFT saves the base input/output embeddings (its ``save_embedding_layers``,
+    on by default when an embedding is targeted or the vocabulary was resized) -> the live base weight."""
+    inner = model.model
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(inner, getter, None)
+        try:
+            module = fn() if callable(fn) else None
+        except Exception:  # models without embeddings raise NotImplementedError
+            module = None
+        if module is not None:
+            wanted.append(module)
+    out: dict[str, torch.Tensor] = {}
+    for path, module in inner.named_modules():
+        if not any(module is w for w in wanted):
+            continue
+        if isinstance(module, AdapterLayer):
+            base = module.get_base_layer()
+            out[f"{path}.base_layer.weight"] = base.weight
+        elif isinstance(getattr(module, "weight", None), torch.Tensor):
+            out[f"{path}.weight"] = module.weight
+    return out
+
+
 def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every shape fits."""
+    """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every shape fits.
+
+    Base embedding weights that PEFT stores next to the adapter are copied into the base model, as PEFT does.
+    """
     targets = adapter_parameter_map(model, adapter_name)
     engine = model.engine_adapter_tensors(adapter_name)  # full checkpoint keys
+    base_embeddings: dict[str, torch.Tensor] = {}
     plan = []
     unexpected = []
     for key, value in state_dict.items():
@@ -77,6 +108,18 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
             short = key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else key
             targets_for_key = targets
         if short not in targets_for_key:
+            if not base_embeddings:
+                base_embeddings = _embedding_base_map(model)
+            if short in base_embeddings:
+                live = base_embeddings[short]
+                if tuple(live.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"Checkpoint tensor {key} (a base embedding) has shape {tuple(value.shape)}, but the model's "
+                        f"is {tuple(live.shape)}. If the vocabulary was resized for training, call "
+                        f"model.resize_token_embeddings({value.shape[0]}) on the base model before loading."
+                    )
+                plan.append((live, value))
+                continue
             unexpected.append(key)
             continue
         live = targets_for_key[short]

@@ -112,10 +112,16 @@ def find_targets(model: nn.Module, config) -> list[str]:
 
 
 def no_match_message(model: nn.Module, config) -> str:
+    from .layer import AdapterLayer, ModulesToSaveWrapper
+
     target = config.target_modules
-    names = [n for n, _ in model.named_modules() if n]
-    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in names})
-    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and is_linear(m)})
+    # The model's own modules: not the internals of adapter layers (base_layer, lora_A.<adapter>, ...).
+    inner = tuple(f"{n}." for n, m in model.named_modules() if n and isinstance(m, (AdapterLayer, ModulesToSaveWrapper)))
+    modules = [(n, m) for n, m in model.named_modules() if n and not (inner and n.startswith(inner))]
+    leaf_names = sorted({n.rsplit(".", 1)[-1] for n, _ in modules})
+    linear_leaves = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in modules if is_linear(m) or (isinstance(m, AdapterLayer) and is_linear(m.get_base_layer()))}
+    )
     wanted = [target] if isinstance(target, str) else list(target or [])
     close: list[str] = []
     for t in wanted:

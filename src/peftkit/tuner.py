@@ -84,6 +84,11 @@ class AdapterModel(nn.Module):
         their full checkpoint key (``base_model.<attribute path>``, as Hugging Face PEFT names them)."""
         return {}
 
+    def adapter_tensors_to_save(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Last change to an adapter's tensors before they are saved (keys relative to ``self.model``), e.g.
+        AdaLoRA keeps only the ranks its budget kept. Unchanged by default."""
+        return tensors
+
     # ------------------------------------------------------------------------------------------ injection
     def _resolve_targets(self, config: TargetedConfig, spec: MethodSpec) -> TargetedConfig:
         if config.target_modules is None:
@@ -218,6 +223,13 @@ class AdapterModel(nn.Module):
         for n in names:
             if n not in self.peft_config:
                 raise ValueError(f"No adapter named {n!r}; this model has: {', '.join(self.peft_config) or 'none'}.")
+        for path, wrapper in self.modules_to_save_wrappers():  # check before changing anything
+            present = [n for n in names if n in wrapper.modules_to_save]
+            if len(present) > 1:
+                raise ValueError(
+                    f"Adapters {present} each have their own trained copy of {path} (modules_to_save), and only one "
+                    "copy can be used at a time; activate them one by one, or use adapter_names= per row."
+                )
         for _, layer in self.adapter_layers():
             layer.set_adapter(names)
             for n in names:
@@ -273,8 +285,18 @@ class AdapterModel(nn.Module):
         if not self.method.supports_merge:
             raise ValueError(f"{self.method.peft_type} adapters cannot be merged into the base weights.")
         names = self._check_names(adapter_names)
-        for _, layer in self.adapter_layers():
-            layer.merge(names, safe_merge=safe_merge)
+        layers = list(self.adapter_layers())
+        if safe_merge:
+            # Check every layer before writing any, so that a failure leaves all base weights untouched.
+            for path, layer in layers:
+                bad = layer.first_nonfinite_merge(names)
+                if bad is not None:
+                    raise ValueError(
+                        f"Merging adapter {bad!r} would put NaN or inf into the weights of {path}; nothing was "
+                        "merged. The adapter's weights are broken (check the training run for divergence)."
+                    )
+        for _, layer in layers:
+            layer.merge(names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():

@@ -35,15 +35,21 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     else:
         new_rank = svd_rank or max(ranks)
 
+    regexes = [c.target_modules for c in configs if isinstance(c.target_modules, str)]
+    if regexes and len(regexes) != len(configs):
+        raise ValueError("add_weighted_adapter cannot combine adapters whose target_modules mix a regex string and a "
+                         "list of names; give all of them the same form.")
     targets: set[str] = set()
     for c in configs:
-        targets.update([c.target_modules] if isinstance(c.target_modules, str) else c.target_modules)
+        if not isinstance(c.target_modules, str):
+            targets.update(c.target_modules)
     new_config = copy.deepcopy(configs[0])
     new_config.r = new_rank
     new_config.lora_alpha = new_rank
     new_config.use_rslora = False
     new_config.rank_pattern, new_config.alpha_pattern = {}, {}
-    new_config.target_modules = sorted(targets)
+    # a regex string matches full module names: join them as PEFT does
+    new_config.target_modules = "|".join(f"({r})" for r in regexes) if regexes else sorted(targets)
     new_config.init_lora_weights = True
     model.inject_adapter(adapter_name, new_config)
 
@@ -78,7 +84,8 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
             else:
                 delta = sum((b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * (w * s) for a, b, s, w in factors)
                 u, sv, vh = torch.linalg.svd(delta.float(), full_matrices=svd_full_matrices)
-                u, sv, vh = u[:, :new_rank], sv[:new_rank], vh[:new_rank, :]
+                k = min(new_rank, sv.numel())  # a layer narrower than svd_rank keeps all its singular values
+                u, sv, vh = u[:, :k], sv[:k], vh[:k, :]
                 u = u @ torch.diag(sv)
                 if svd_clamp is not None:
                     dist = torch.cat([u.flatten(), vh.flatten()])
