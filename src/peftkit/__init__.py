@@ -5,6 +5,7 @@ The API follows Hugging Face PEFT (same class and field names); checkpoints are 
 
 from .config import PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model
+from .methods.adalora import AdaLoraCallback, AdaLoraConfig, AdaLoraModel, attach_to_optimizer
 from .methods.lora import LoraConfig, LoraModel
 from .methods.loha import LoHaConfig
 from .methods.lokr import KronAConfig, LoKrConfig
@@ -25,6 +26,10 @@ from .save_load import get_adapter_state_dict, set_adapter_state_dict
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraCallback",
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "attach_to_optimizer",
     "KronAConfig",
     "LoHaConfig",
     "LoKrConfig",
