@@ -15,7 +15,8 @@ import torch
 from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model
 from peftkit.cli import main
 from peftkit.data import Batches, load_text_dataset, split_dataset
-from peftkit.method_defaults import UsageError, attention_targets, parse_method_options
+from peftkit.method_defaults import NEEDS_INPUT, UsageError, attention_targets, parse_method_options
+from peftkit.registry import supported_methods
 
 POS = ["good", "great", "fine", "superb", "lovely", "fun"]
 NEG = ["bad", "awful", "dull", "boring", "poor", "weak"]
@@ -64,6 +65,20 @@ def _load_tiny(model_dir):
     return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
 
 
+def _accuracy(model, tiny, test_size):
+    """Test accuracy on the split ``_train`` uses (seed 0, 48 train rows)."""
+    from transformers import AutoTokenizer
+
+    ds = load_text_dataset(tiny[1], "sentence", "sentiment")
+    _, test = split_dataset(ds, 48, test_size, seed=0)
+    batches = Batches(test, AutoTokenizer.from_pretrained(tiny[0]), 64, 16, shuffle=False)
+    correct = 0
+    with torch.no_grad():
+        for b in batches:
+            correct += int((model.eval()(**b.inputs).logits.argmax(-1) == b.labels).sum())
+    return correct / len(test)
+
+
 def _train(tiny, out, *extra):
     model_dir, data = tiny
     return main(["train", "--model", model_dir, "--data", data, "--text-column", "sentence", "--label-column",
@@ -91,16 +106,7 @@ def test_train_prints_and_saves_what_the_model_has(tiny, lora_run, capsys):
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "train_results.json"]
     # the saved adapter reloads to the accuracy that was printed, on the same split
     model = PeftModel.from_pretrained(_load_tiny(model_dir), str(out))
-    from transformers import AutoTokenizer
-
-    ds = load_text_dataset(data, "sentence", "sentiment")
-    _, test = split_dataset(ds, 48, 32, seed=0)
-    batches = Batches(test, AutoTokenizer.from_pretrained(model_dir), 64, 16, shuffle=False)
-    correct = 0
-    with torch.no_grad():
-        for b in batches:
-            correct += int((model(**b.inputs).logits.argmax(-1) == b.labels).sum())
-    assert correct / len(test) == pytest.approx(res["accuracy_after"])
+    assert _accuracy(model, tiny, 32) == pytest.approx(res["accuracy_after"])
     assert res["final_loss"] < res["first_loss"]
 
 
@@ -128,6 +134,22 @@ def test_reference_rows(tiny, tmp_path, method, expect):
         # the full fine-tune is a plain transformers folder
         reloaded = _load_tiny(str(tmp_path / method))
         assert sum(p.numel() for p in reloaded.parameters()) == res["all_params"]
+
+
+TINY_OPTIONS = {"MISS": ["-o", "r=8"]}  # MiSS's default r=64 does not divide the tiny model's hidden size 32
+
+
+@pytest.mark.parametrize("method", [m for m in supported_methods() if m not in NEEDS_INPUT])
+def test_every_registered_method_trains_and_reloads(tiny, tmp_path, method):
+    from peftkit import PeftConfig
+
+    out = tmp_path / method
+    assert _train(tiny, out, "--method", method.lower(), "--epochs", "1", "--no-probe", *TINY_OPTIONS.get(method, [])) == 0
+    res = json.loads((out / "train_results.json").read_text())
+    ref = get_peft_model(_load_tiny(tiny[0]), PeftConfig.from_dict(res["config"]))
+    assert res["trainable_params"] == ref.get_nb_trainable_parameters()[0]
+    model = PeftModel.from_pretrained(_load_tiny(tiny[0]), str(out))
+    assert _accuracy(model, tiny, res["test_size"]) == pytest.approx(res["accuracy_after"])
 
 
 @pytest.mark.parametrize("args,message", [

@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -79,8 +80,10 @@ def _max_rss_mib() -> float:
 class MemoryMeter:
     """Peak memory of the code run between ``start()`` and ``stop()``.
 
-    GPU: ``torch.cuda.max_memory_allocated`` (reset at start). CPU: the process's peak RSS, and the rise of the
-    peak over the RSS at start (meaningful in a fresh process, where nothing else ran before)."""
+    GPU: ``torch.cuda.max_memory_allocated`` (reset at start). CPU: the peak resident set size of the process
+    during the interval: the kernel's high-water mark (``ru_maxrss``) when the interval raised it, else the
+    largest RSS a 5 ms sampling thread saw (the high-water mark then belongs to an earlier phase, e.g. loading).
+    ``train_memory_mib`` is that peak minus the memory in use at ``start()``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -91,15 +94,27 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            self.before = _rss_mib()
+            return
+        self.before = _rss_mib()
+        self.high_water_before = _max_rss_mib()
+        self.sampled = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
 
-    def stop(self) -> dict[str, float]:
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.sampled = max(self.sampled, _rss_mib())
+
+    def stop(self) -> dict[str, Any]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
             return {"peak_memory_mib": peak, "train_memory_mib": peak - self.before, "memory_kind": "cuda_allocated"}
-        peak = _max_rss_mib()
+        self._stop.set()
+        self._thread.join()
+        high_water = _max_rss_mib()
+        peak = high_water if high_water > self.high_water_before else max(self.sampled, _rss_mib())
         return {"peak_memory_mib": peak, "train_memory_mib": max(0.0, peak - self.before), "memory_kind": "cpu_peak_rss"}
 
 
@@ -120,6 +135,16 @@ def infer_throughput(model: nn.Module, batches: list, device: torch.device) -> f
     return tokens / seconds if seconds else 0.0
 
 
+def update_rank(original: torch.Tensor, diff: torch.Tensor) -> int:
+    """Numerical rank of a merged weight's update ``diff``. Merging rounds every element of ``W + delta`` to the
+    weight's precision, so singular values below that rounding level (relative to W, not to the update, which can
+    be tiny after a few steps) are noise, not rank."""
+    eps = torch.finfo(torch.float32).eps
+    s = torch.linalg.svdvals(diff)
+    tol = max(diff.shape) * eps * max(float(s[0]), float(torch.linalg.matrix_norm(original, ord=2)))
+    return int((s > tol).sum())
+
+
 @torch.no_grad()
 def update_stats(original: dict[str, torch.Tensor], model: nn.Module, head_name: str) -> dict[str, Any]:
     """Changed parameters (elements that differ from the original weights) and the rank of each changed weight
@@ -133,7 +158,7 @@ def update_stats(original: dict[str, torch.Tensor], model: nn.Module, head_name:
         changed += n
         # The head trains in full under every method; its rank says nothing about the method.
         if n and diff.dim() == 2 and not name.startswith(head_name + "."):
-            ranks.append(int(torch.linalg.matrix_rank(diff)))
+            ranks.append(update_rank(original[name].float(), diff))
     return {"changed_params": changed,
             "update_rank": ({"min": min(ranks), "max": max(ranks), "mean": sum(ranks) / len(ranks),
                              "matrices": len(ranks)} if ranks else None)}
@@ -414,7 +439,7 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append([r["method"], r["library"], _fmt(r["trainable_params"]), _fmt(r.get("changed_params")),
                      "-" if not rank else (str(rank["max"]) if rank["min"] == rank["max"] else f"{rank['min']}-{rank['max']}"),
                      _fmt(r["peak_memory_mib"]), _fmt(r["train_tokens_per_s"]), _fmt(r["infer_tokens_per_s_unmerged"]),
-                     _fmt(r.get("infer_tokens_per_s_merged")), _fmt(r["checkpoint_bytes"] / 1024),
+                     _fmt(r.get("infer_tokens_per_s_merged")), _fmt(r["checkpoint_bytes"] / 1024, ",.1f"),
                      _fmt(r["score"], ".4f")])
     lines = _columns(head, rows)
     if report["comparisons"]:
