@@ -325,3 +325,25 @@ def test_peft_loads_our_checkpoint(base, experts, tmp_path):
     ref_base.config.use_cache = False
     theirs = peft.PeftModel.from_pretrained(ref_base, str(tmp_path), adapters=dict(experts)).eval()
     torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gate_gradients(base, experts):
+    grads = []
+    for checkpointing in (False, True):
+        model_base = copy.deepcopy(base)
+        if checkpointing:
+            model_base.gradient_checkpointing_enable()
+        torch.manual_seed(0)
+        model = peftkit.get_peft_model(model_base, XLoraConfig(task_type="CAUSAL_LM", adapters=dict(experts))).train()
+        SPEC.loss(model, SPEC.inputs(2)).backward()
+        grads.append(gate_out(model).weight.grad.clone())
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_layer_called_outside_the_model_raises(base, experts):
+    model = xlora(base, experts).eval()
+    logits(model)  # a no-grad call leaves no scalings behind
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(RuntimeError, match="outside a call of the X-LoRA model"):
+        q(torch.randn(1, 3, 32))

@@ -10,8 +10,9 @@ Each forward of the model runs twice:
    B_e A_e x`` with the optional top-k (``top_k_lora``, then a softmax over the kept experts when
    ``enable_softmax_topk``) applied per token and layer.
 
-The scalings reach the layers through an attribute (``xlora_scalings``) set on each layer for the duration of one
-model call by forward hooks on the wrapped model, so ``generate()`` gets the two passes at every step too. Only the
+The scalings reach the layers through an attribute (``xlora_scalings``) set on each layer by forward hooks on the
+wrapped model at every call (so ``generate()`` gets the two passes at every step too); no global state. After a
+gradient-enabled call the layers keep them until the next call, for activation checkpointing's recomputation. Only the
 gate is trained and saved (with the config, under PEFT's key names, so PEFT's X-LoRA reads it given the same
 ``adapters``); the experts are not copied: they are read from the LoRA checkpoints named in ``adapters``.
 """
@@ -497,7 +498,10 @@ class XLoraModel(AdapterModel):
         return None
 
     def _after_model_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._set_layer_scalings(None)
+        # After a call that may be followed by backward, the layers keep their scalings until the next call
+        # replaces them: activation checkpointing reruns the layers' forward during backward and needs them.
+        if not torch.is_grad_enabled():
+            self._set_layer_scalings(None)
         return None
 
     # ---- inspection and settings (names as in Hugging Face PEFT)
