@@ -9,6 +9,8 @@ the reference. Inference: the base forward vs unmerged LoRA, and batches mixing 
     python benchmarks/speed.py --gpu                # GPU: hidden 2048, 16 layers, MLP 5632, 32/8 heads, 8 x 1024, bf16
     python benchmarks/speed.py --methods lora-all,dora-all --steps 5 --json out.json
 
+Time: on GPU the wall time of a step (synchronised); on CPU the process's CPU time with one thread (the
+machine's cores are shared, so wall time mostly measures other jobs' load); wall medians are kept in the JSON.
 Memory: on GPU the peak allocated bytes of a step (everything resident for that model: weights, optimizer state,
 gradients, activations); on CPU, where no allocator statistics exist, the bytes autograd saves for backward
 (activations, distinct storages, parameters excluded) plus weights, gradients and optimizer state.
@@ -112,6 +114,7 @@ class Runner:
         self.n_trainable = sum(p.numel() for p in params)
         self.opt = torch.optim.AdamW(params, lr=1e-5) if (train and params) else None
         self.times: list[float] = []
+        self.wall: list[float] = []
         self.mem: list[float] = []
         self.saved: list[int] = []
 
@@ -129,7 +132,7 @@ class Runner:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if self.train:
                 saved = _SavedBytes(self.model) if not cuda else None
                 with saved if saved is not None else _null():
@@ -145,7 +148,10 @@ class Runner:
                     self.model(input_ids=ids, **self.fwd_kwargs)
             if cuda:
                 torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - t0)
+            # GPU: wall time. CPU: this process's CPU time, since the machine's cores are shared with other jobs
+            # and wall time mostly measures their load (run with --threads 1 so no thread spins while waiting).
+            self.times.append(time.perf_counter() - t0 if cuda else time.process_time() - c0)
+            self.wall.append(time.perf_counter() - t0)
             if cuda:
                 self.mem.append(torch.cuda.max_memory_allocated() - before + self.static_bytes())
             elif self.train:
@@ -238,7 +244,8 @@ def _train_one(base, name, ids, warmup, steps, cuda) -> dict[str, Any]:
     for r in runners[1:]:
         t, m = r.median(warmup), r.peak()
         row[r.label] = {"step_s": t, "tokens_per_s": tokens / t, "mem_bytes": m, "time_vs_limit": t / lim_t,
-                        "mem_vs_limit": m / lim_m, "trainable": r.n_trainable, "times": r.times}
+                        "mem_vs_limit": m / lim_m, "trainable": r.n_trainable, "times": r.times,
+                        "wall_s": statistics.median(r.wall[warmup:] or r.wall)}
         if r.saved:
             row[r.label]["saved_bytes"] = max(r.saved)
         if r.label == "ours" and isinstance(r.model, peftkit.PeftModel):
@@ -389,6 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000 GPU, 1024 CPU)")
     ap.add_argument("--profile", default=None, help="profile one training step of this method (limit, ours, peft)")
     ap.add_argument("--profile-out", default=None, help="write the full profiler tables here")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs; default 1, timed by CPU time)")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-infer", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -398,6 +406,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("--gpu given but torch sees no CUDA device; run without --gpu for the CPU shape.", file=sys.stderr)
         return 2
     s = shapes(args.gpu, args.vocab)
+    if not args.gpu:
+        torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (3 if args.gpu else 2)
     steps = args.steps if args.steps is not None else (10 if args.gpu else 5)
     names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -421,7 +431,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(json.dumps(info))
     base = build_base(s)
     if args.profile:
-        profile_step(base, s, args.profile, log, args.profile_out)
+        try:
+            profile_step(base, s, args.profile, log, args.profile_out)
+        except Exception as e:  # profiling is a diagnostic; never lose the benchmark to it
+            log(f"profile failed: {type(e).__name__}: {e}")
     result: dict[str, Any] = {"info": info}
     if not args.no_train:
         result["train"] = bench_training(base, s, names, warmup, steps, log)

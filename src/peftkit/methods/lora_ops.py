@@ -161,8 +161,13 @@ def mixed_lora_add(result: torch.Tensor, x: torch.Tensor, stack, index: torch.Te
 _PATH_ENV = "PEFTKIT_LORA_PATH"  # "auto" (default), "factored" or "merged": forces a strategy (benchmarks, tests)
 
 
-def choose_merged(tokens: int, in_f: int, out_f: int) -> bool:
-    """Whether materialising W + sBA for this call moves fewer bytes than the factored products."""
+def choose_merged(tokens: int, in_f: int, out_f: int, backward: bool = True) -> bool:
+    """Whether building W + sBA for this call moves fewer bytes than the factored products.
+
+    Extra bytes (in elements, terms common to both left out). Training: factored reads x for h, reads and writes
+    y (forward), reads and writes dx (backward): tokens * (3 in + 2 out); merged builds W + sBA twice and still
+    reads x for h: 4 in out. Inference: factored tokens * (in + 2 out); merged 2 in out.
+    """
     import os
 
     mode = os.environ.get(_PATH_ENV, "auto")
@@ -170,7 +175,9 @@ def choose_merged(tokens: int, in_f: int, out_f: int) -> bool:
         return True
     if mode == "factored":
         return False
-    return tokens > max(in_f, out_f)
+    if backward:
+        return tokens * (3 * in_f + 2 * out_f) > 4 * in_f * out_f
+    return tokens * (in_f + 2 * out_f) > 2 * in_f * out_f
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -284,13 +291,13 @@ def lora_linear(
     masks = tuple(dropout_mask(x, p) if p > 0 else None for p in ps)
     keep = tuple(1.0 - p for p in ps)
     tokens = x.numel() // max(in_f, 1)
+    params = [t for a, b, _ in factors for t in (a, b)]
+    track = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     if merged is None:
-        merged = all(m is None for m in masks) and choose_merged(tokens, in_f, out_f)
+        merged = all(m is None for m in masks) and choose_merged(tokens, in_f, out_f, backward=track)
     elif merged and any(m is not None for m in masks):
         raise ValueError("the merged strategy cannot apply dropout to the adapter input; use merged=False.")
-    params = [t for a, b, _ in factors for t in (a, b)]
     if merged:
-        track = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         merged = "grad" if track else "nograd"
     return _LoraLinearFn.apply(x, weight, bias, fan_in_fan_out, tuple(s for _, _, s in factors), masks, keep, merged,
                                *params)
@@ -384,5 +391,6 @@ def dora_linear_fused(
     in_f = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     if merged is None:
-        merged = choose_merged(x.numel() // max(in_f, 1), in_f, out_f)
+        track = torch.is_grad_enabled() and any(t.requires_grad for t in (x, a, b, magnitude))
+        merged = choose_merged(x.numel() // max(in_f, 1), in_f, out_f, backward=track)
     return _DoraLinearFn.apply(x, weight, bias, fan_in_fan_out, scaling, merged, w_sq, a, b, magnitude)
