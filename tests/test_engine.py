@@ -594,6 +594,10 @@ def test_meta_device_model_gets_meta_adapters_and_materialises(tmp_path):
     model = get_peft_model(skeleton, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert all(p.device.type == "meta" for p in model.parameters())
     assert model.get_nb_trainable_parameters() == trained.get_nb_trainable_parameters()
+    trained.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="meta device"):  # not a silent no-op load
+        model.load_adapter(tmp_path, "x")
+    assert list(model.peft_config) == ["default"]
     model = model.to_empty(device="cpu")
     model.load_state_dict(trained.state_dict())
     trained_buffers = dict(trained.named_buffers())  # non-persistent buffers (rotary inv_freq) are not in state_dict
@@ -640,3 +644,21 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
     assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}\n", printed)
     assert os.path.isfile(tmp_path / "vit-lora" / "adapter_model.safetensors")
     assert not any(isinstance(m, AdapterLayer) for m in namespace["merged"].modules())
+
+
+def test_creation_benchmark_script_runs(monkeypatch, capsys):
+    """benchmarks/creation_speed.py (get_peft_model time, peftkit vs peft) on a tiny size: it prints its ratio."""
+    pytest.importorskip("peft")
+    import runpy
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "creation_speed.py")
+    monkeypatch.setattr(sys, "argv", [script, "--hidden", "64", "--layers", "2", "--repeats", "1", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own
+    out = capsys.readouterr().out
+    assert re.search(r"ratio peftkit/peft \d+\.\d\d", out)
+    assert "meta-device model" in out

@@ -136,6 +136,12 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
             f"No tensor of the checkpoint fits the model (checkpoint keys look like {sample}; the model expects "
             f"keys like {expected}). Is this adapter for another base model?"
         )
+    if any(live.is_meta for live, _ in plan):
+        # copy_ into a meta tensor is a silent no-op: the adapter would look loaded and compute nothing
+        raise ValueError(
+            "The model is on the meta device (built without memory); materialise it first, e.g. "
+            "model.to_empty(device='cpu') and load its base weights, then load the adapter."
+        )
     loaded = {id(live) for live, _ in plan}
     missing = [CHECKPOINT_PREFIX + k for k, t in targets.items() if id(t) not in loaded]
     missing += [k for k, t in engine.items() if id(t) not in loaded]
