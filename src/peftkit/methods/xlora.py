@@ -20,7 +20,6 @@ gate is trained and saved (with the config, under PEFT's key names, so PEFT's X-
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -35,11 +34,9 @@ from ..layer import AdapterLayer
 from ..registry import MethodSpec, register_method
 from ..save_load import CHECKPOINT_PREFIX
 from ..targeting import ALL_LINEAR, expand_all_linear, find_targets
-from ..tuner import AdapterModel
+from ..tuner import AdapterModel, _get_parent
 from .common import adapter_dtype, conv1d_cls, pattern_value
 from .lora import LoraConfig, lora_scaling
-
-logger = logging.getLogger(__name__)
 
 GATE_NAME = "internal_xlora_classifier"  # Hugging Face PEFT's attribute name, kept for familiar state-dict keys
 
@@ -353,8 +350,7 @@ class XLoraModel(AdapterModel):
                     layer.add_expert(ex.name, ex.config, module_name)
                 layer.adapter_configs[adapter_name] = config
                 self._copy_expert_weights(layer, module_name, experts)
-                parent, attr = (self.model.get_submodule(module_name.rsplit(".", 1)[0]), module_name.rsplit(".", 1)[1]) \
-                    if "." in module_name else (self.model, module_name)
+                parent, attr = _get_parent(self.model, module_name)
                 setattr(parent, attr, layer)
                 self._xlora_layers.append(layer)
         except Exception:
@@ -381,6 +377,7 @@ class XLoraModel(AdapterModel):
     def _load_experts(self, config: XLoraConfig) -> list[_Expert]:
         experts = []
         for name, path in config.adapters.items():
+            path = os.path.expanduser(path)
             if os.path.isdir(path):
                 path = os.path.abspath(path)
             elif os.path.exists(path) or path.startswith((".", "/", "~")):
