@@ -121,3 +121,26 @@ def test_mini_divisibility_and_rank_errors():
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
         MissConfig(target_modules=["q_proj"], **kwargs)
+
+
+def test_mixed_variants_active_together_merge_equals_unmerged():
+    spec = MODELS["llama"]
+    model = peftkit.get_peft_model(spec.build(), MissConfig(r=4, target_modules=QV)).eval()
+    model.add_adapter("b", MissConfig(r=4, init_weights="bat", target_modules=QV))
+    model.add_adapter("m", MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=QV))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "miss_block" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    before = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
+    for order in (["default", "b", "m"], ["b", "m", "default"]):
+        model.set_adapter(order)
+        with torch.no_grad():
+            unmerged = model(**spec.inputs(2)).logits
+            model.merge_adapter()
+            merged = model(**spec.inputs(2)).logits
+            model.unmerge_adapter()
+        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+        for n, p in model.get_base_model().named_parameters():
+            torch.testing.assert_close(p, before[n], atol=1e-5, rtol=1e-5)

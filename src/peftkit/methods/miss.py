@@ -203,21 +203,16 @@ class MissLinear(AdapterLayer):
         return result + (shard_sum(x_d, block.shape[0]) @ block).to(result.dtype)
 
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        bat = [n for n in names if self.variant[n] == "bat"]
-        if not bat or isinstance(self.base_layer, AdapterLayer):
+        if not any(self.variant[n] == "bat" for n in names) or isinstance(self.base_layer, AdapterLayer):
             return super().forward_adapters(x, names, *args, **kwargs)
-        # Bat adapters chain through the weight (each sees the weight the previous ones produced), so the adapted
-        # weight is built once per call and used in a single matmul; shard adapters are added on the output.
+        # Bat's update depends on the weight it is applied to, so with a bat adapter active the layer runs on the
+        # adapted weight, built in the order of ``names`` exactly as merge() would build it (so merged == unmerged
+        # for any mix of variants); shard adapters in that chain are folded in without their dropout.
         base = self.get_base_layer()
-        weight = self._orient(base.weight)
-        for n in bat:
-            block = self.miss_block[n]
-            w = weight.to(block.dtype)
-            weight = (w + bat_delta(w, block)).to(base.weight.dtype)
-        result = F.linear(x.to(weight.dtype), weight, base.bias)
+        weight = base.weight
         for n in names:
-            if self.variant[n] != "bat":
-                result = self.apply_adapter(n, x, result)
+            weight = self.merged_weight(n, weight)
+        result = F.linear(x.to(weight.dtype), self._orient(weight), base.bias)
         return result.to(x.dtype) if x.dtype.is_floating_point else result
 
 
