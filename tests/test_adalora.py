@@ -225,7 +225,8 @@ def test_allocator_matches_peft_step_by_step(tmp_path):
     opt_ref = torch.optim.SGD(_trainable(ref), lr=0.5)
     opt_ours = torch.optim.SGD(_trainable(ours), lr=0.5)
     for step in range(ALLOC["total_step"]):
-        kw = spec.inputs(4) if step % 2 else {"input_ids": torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(step))}
+        ids = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(step))
+        kw = {"input_ids": ids}  # a new batch per step: the importance averages see varying gradients
         loss_ref = _train_step(ref, spec, kw, opt_ref, step, True)
         loss_ours = _train_step(ours, spec, kw, opt_ours, step, True)
         assert loss_ours == pytest.approx(loss_ref, rel=1e-5, abs=1e-6), step
@@ -310,9 +311,31 @@ def test_optimizer_hook_shrinks_ranks_and_checkpoint_reloads_pruned(tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.allclose(spec.output(theirs(**spec.inputs(3))), expected, atol=1e-6)
-    # the live model keeps training at full size: a detached hook no longer allocates
+    # a detached hook no longer allocates
     opt.step()
     assert hook.global_step == 20
+
+    # resuming from the pruned checkpoint trains at the kept ranks and saves them again
+    resumed = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    resumed.train()
+    opt = torch.optim.AdamW(_trainable(resumed), lr=1e-2)
+    attach_to_optimizer(resumed, opt, start_step=20)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = spec.loss(resumed, kw)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    resumed.eval()
+    with torch.no_grad():
+        expected = spec.output(resumed(**spec.inputs(3)))
+    resumed.save_pretrained(tmp_path / "resumed")
+    again = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "resumed")
+    assert {k: e.shape[0] for k, (_, e, _) in again.base_model.triplets("default").items()} == ranks
+    with torch.no_grad():
+        assert torch.equal(spec.output(again(**spec.inputs(3))), expected)
 
 
 def test_trainer_callback_shrinks_ranks(tmp_path):
@@ -349,6 +372,11 @@ def test_callback_warns_when_the_run_is_shorter_than_the_schedule(caplog):
     with caplog.at_level(logging.WARNING):
         AdaLoraCallback().on_train_begin(None, State(), None, model=model)
     assert "will not reach target_r" in caplog.text
+    caplog.clear()
+    State.max_steps = 100
+    with caplog.at_level(logging.WARNING):
+        AdaLoraCallback(model).on_train_begin(None, State(), None)
+    assert not caplog.records
     assert AdaLoraCallback().on_log(None, None, None) is None  # other Trainer events are no-ops
 
 

@@ -457,24 +457,29 @@ class AdaLoraCallback:
 
     def __init__(self, model: Optional[nn.Module] = None) -> None:
         self._model = model
-        self._adalora: Optional[AdaLoraModel] = None
 
     def _resolve(self, model: Optional[nn.Module]) -> AdaLoraModel:
-        if self._adalora is None:
-            source = self._model if self._model is not None else model
-            if source is None:
-                raise ValueError("AdaLoraCallback got no model; pass AdaLoraCallback(model) or use it with a Trainer.")
-            self._adalora = find_adalora_model(source)
-        return self._adalora
+        source = self._model if self._model is not None else model
+        if source is None:
+            raise ValueError("AdaLoraCallback got no model; pass AdaLoraCallback(model) or use it with a Trainer.")
+        return find_adalora_model(source)  # the AdaLoraModel is the second module of a PeftModel: cheap
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        import transformers.trainer_callback as trainer_callback  # already imported by a running Trainer
+
+        if not hasattr(trainer_callback.TrainerCallback, "on_optimizer_step"):
+            raise RuntimeError(
+                "This transformers version has no on_optimizer_step event, so AdaLoraCallback would never run. "
+                "Upgrade transformers, or call attach_to_optimizer(model, trainer.optimizer) after create_optimizer()."
+            )
         adalora = self._resolve(model)
         config = adalora.peft_config[adalora._require_trainable()]
         max_steps = getattr(state, "max_steps", 0) or 0
-        if 0 < max_steps <= config.total_step - config.tfinal:
+        if 0 < max_steps < config.total_step - config.tfinal:
             logger.warning(
-                "The Trainer runs %d steps but AdaLoraConfig fixes the final rank pattern at step total_step - tfinal "
-                "= %d: the budget will not reach target_r. Set total_step to the run's optimiser steps (%d).",
+                "The Trainer runs %d optimiser steps but AdaLoraConfig's budgeting phase lasts until step "
+                "total_step - tfinal = %d: the rank budget will not reach target_r. Set total_step to the run's "
+                "optimiser steps (%d).",
                 max_steps, config.total_step - config.tfinal, max_steps,
             )
 
