@@ -37,30 +37,24 @@ def _perturb_then_project(model):
 
 QV = ["q_proj", "v_proj"]
 CASES = [
-    case("oft-llama-neumann", "llama", OFTConfig, "OFTConfig", oft_block_size=8, target_modules=QV + ["down_proj"]),
-    case("oft-llama-exact", "llama", OFTConfig, "OFTConfig", oft_block_size=8, use_cayley_neumann=False,
-         target_modules="all-linear"),
-    case("oft-llama-r-share", "llama", OFTConfig, "OFTConfig", r=4, oft_block_size=0, block_share=True,
-         target_modules=QV),
+    case("oft-llama-neumann", "llama", OFTConfig, "OFTConfig", oft_block_size=8,
+         target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"]),
+    case("oft-llama-exact-r-share", "llama", OFTConfig, "OFTConfig", r=4, oft_block_size=0, use_cayley_neumann=False,
+         block_share=True, target_modules=QV),
     case("oft-llama-coft", "llama", OFTConfig, "OFTConfig", oft_block_size=4, coft=True, eps=0.5, target_modules=QV,
          perturb=_perturb_then_project),
     case("oft-vit", "vit", OFTConfig, "OFTConfig", oft_block_size=8, target_modules=QV, modules_to_save=["classifier"]),
-    case("oft-embedding", "llama", OFTConfig, "OFTConfig", oft_block_size=8, target_modules=["embed_tokens", "q_proj"]),
     # PEFT's unmerged OFT Conv2d forward sums overlapping patches (not even identity at init); parity for conv is
     # checked against PEFT's merged model in test_oft_conv_matches_peft_merged.
     case("oft-cnn", "cnn", OFTConfig, "OFTConfig", ref=False, oft_block_size=8, target_modules=["conv0", "conv1"]),
     case("boft-llama", "llama", BOFTConfig, "BOFTConfig", boft_block_size=4, target_modules=QV + ["up_proj"]),
-    case("boft-llama-blocknum", "llama", BOFTConfig, "BOFTConfig", boft_block_size=0, boft_block_num=4,
-         target_modules=QV),
     # PEFT forces boft_n_butterfly_factor=1 without its CUDA extension, so factors > 1 have no PEFT parity on CPU;
     # test_butterfly_matches_peft_permutations checks them against PEFT's permutation matrices instead.
-    case("boft-llama-butterfly", "llama", BOFTConfig, "BOFTConfig", ref=False, boft_block_size=4,
+    case("boft-llama-butterfly", "llama", BOFTConfig, "BOFTConfig", ref=False, boft_block_size=0, boft_block_num=8,
          boft_n_butterfly_factor=3, target_modules=QV),
     case("boft-vit", "vit", BOFTConfig, "BOFTConfig", boft_block_size=4, target_modules=QV,
          modules_to_save=["classifier"]),
     case("boft-cnn", "cnn", BOFTConfig, "BOFTConfig", boft_block_size=9, target_modules=["conv0", "conv1"]),
-    case("boft-cnn-butterfly", "cnn", BOFTConfig, "BOFTConfig", ref=False, boft_block_size=4,
-         boft_n_butterfly_factor=2, target_modules=["conv1"]),
     case("hra-llama", "llama", HRAConfig, "HRAConfig", r=4, target_modules="all-linear"),
     # Gram-Schmidt of the paired init vectors orthonormalises rounding noise (in PEFT too): not the identity.
     case("hra-llama-gs", "llama", HRAConfig, "HRAConfig", identity_init=False, r=4, apply_GS=True, target_modules=QV),
@@ -139,6 +133,7 @@ FAST_CASES = [
     ("oft", lambda: OFTConfig(oft_block_size=8, target_modules=QV)),
     ("oft-exact-share", lambda: OFTConfig(oft_block_size=8, use_cayley_neumann=False, block_share=True,
                                           target_modules=QV)),
+    ("boft", lambda: BOFTConfig(boft_block_size=4, target_modules=QV)),
     ("boft-butterfly", lambda: BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3, target_modules=QV)),
     ("hra", lambda: HRAConfig(r=4, target_modules=QV)),
     ("hra-gs", lambda: HRAConfig(r=3, apply_GS=True, target_modules=QV)),
@@ -327,7 +322,10 @@ def test_boft_size_errors():
         peftkit.get_peft_model(spec.build(), BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=4,
                                                         target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="even"):
-        peftkit.get_peft_model(spec.build(), BOFTConfig(boft_block_size=0, boft_block_num=2, boft_n_butterfly_factor=2,
+        peftkit.get_peft_model(spec.build(), BOFTConfig(boft_block_size=1, boft_n_butterfly_factor=2,
+                                                        target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        peftkit.get_peft_model(spec.build(), BOFTConfig(boft_block_size=0, boft_block_num=1, boft_n_butterfly_factor=2,
                                                         target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="larger than"):
         peftkit.get_peft_model(spec.build(), HRAConfig(r=40, target_modules=["q_proj"]))

@@ -10,9 +10,8 @@ over its blocks and two index gathers; no compiled extension and no loop over bl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -156,6 +155,15 @@ class BOFTLayer(OrthogonalLayer):
         blocks = self.rotation_blocks(name).to(x.dtype)
         return ops.butterfly_rotate_input(x, blocks, self._on(self._perms[name], x.device),
                                           self._on(self._inv_perms[name], x.device))
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind == "linear" and len(names) == 1 and self.boft_R[names[0]].shape[0] == 1:
+            # one factor (plain block-diagonal): fold the blocks into W, block-sized products in backward
+            base = self.get_base_layer()
+            blocks = self.rotation_blocks(names[0])[0].to(x.dtype)
+            out = ops.block_rotated_linear(x, blocks, base.weight, None) * self._scale(names[0]).to(x.dtype)
+            return out if base.bias is None else out + base.bias
+        return super().forward_adapters(x, names, *args, **kwargs)
 
     def _scale(self, name: str) -> torch.Tensor:
         return self.boft_s[name].reshape(-1)

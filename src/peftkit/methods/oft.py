@@ -351,6 +351,11 @@ class OFTLayer(OrthogonalLayer):
         return (weight.to(inv.dtype) @ inv).to(weight.dtype)
 
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind == "linear" and len(names) == 1:
+            # one adapter: fold the blocks into W for the forward GEMM, block-sized products in backward
+            self._prepare(names[0])
+            base = self.get_base_layer()
+            return ops.block_rotated_linear(x, self.rotation_blocks(names[0]).to(x.dtype), base.weight, base.bias)
         if self.kind != "embedding":
             return super().forward_adapters(x, names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)

@@ -34,21 +34,30 @@ def skew_from_vector(vec: torch.Tensor, block_size: int) -> torch.Tensor:
     return upper - upper.transpose(-2, -1)
 
 
-def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
-    """Truncated Neumann series of the Cayley transform of skew ``q`` (..., b, b), in PEFT's exact form:
-    ``I + 2Q + 2Q^2 + ... + 2Q^(k-1) + Q^k`` (approximately orthogonal when ``q`` is small)."""
-    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+def _neumann_coefficients(num_terms: int) -> list[float]:
+    """Coefficients of Q^0..Q^K in PEFT's series: 1, 2, ..., 2, 1 (K = max(3, num_terms - 1) from 3 terms on)."""
     if num_terms <= 1:
-        return eye.clone()
-    out = eye + 2.0 * q
+        return [1.0]
     if num_terms == 2:
-        return out
-    power = q @ q
-    out = out + 2.0 * power
-    for _ in range(3, num_terms - 1):
-        power = power @ q
-        out = out + 2.0 * power
-    return out + power @ q
+        return [1.0, 2.0]
+    k = max(3, num_terms - 1)
+    return [1.0] + [2.0] * (k - 1) + [1.0]
+
+
+def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
+    """Truncated Neumann series of the Cayley transform of skew ``q`` (n, b, b), in PEFT's exact form:
+    ``I + 2Q + 2Q^2 + ... + 2Q^(K-1) + Q^K`` (approximately orthogonal when ``q`` is small).
+
+    Evaluated by Horner's rule, one fused ``baddbmm`` per power.
+    """
+    coeffs = _neumann_coefficients(num_terms)
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    if len(coeffs) == 1:
+        return eye.expand_as(q).clone()
+    t = q * coeffs[-1] + eye * coeffs[-2]
+    for c in reversed(coeffs[:-2]):
+        t = torch.baddbmm(eye * c, q, t)
+    return t
 
 
 def cayley_exact(q: torch.Tensor) -> torch.Tensor:
@@ -93,6 +102,49 @@ def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
     out = torch.bmm(x2, blocks)  # (n, tokens, b)
     return out.transpose(0, 1).reshape(shape)
+
+
+class _BlockRotatedLinear(torch.autograd.Function):
+    """``F.linear(x @ blockdiag(R), W, bias)`` for a frozen W.
+
+    Forward folds R into W (out * d * b flops) so the big product is the base layer's own GEMM; backward computes
+    ``g_h = g @ W`` (the GEMM a frozen layer needs anyway) and then only block-sized products:
+    ``g_x = g_h R^T`` and ``g_R = x^T g_h`` per block. Saved: x, R and W (no rotated copy of the input).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        n, b = blocks.shape[0], blocks.shape[-1]
+        out_features = weight.shape[0]
+        folded = torch.bmm(weight.reshape(out_features, n, b).transpose(0, 1), blocks.transpose(1, 2))
+        folded = folded.transpose(0, 1).reshape(out_features, n * b)
+        ctx.save_for_backward(x, blocks, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, folded, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, blocks, weight = ctx.saved_tensors
+        n, b = blocks.shape[0], blocks.shape[-1]
+        grad_h = grad @ weight  # (..., d): gradient w.r.t. the rotated input x @ R
+        grad_x = grad_blocks = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = block_rotate(grad_h, blocks.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            xb = x.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
+            gb = grad_h.reshape(-1, n, b).transpose(0, 1)
+            grad_blocks = torch.bmm(xb.transpose(1, 2), gb)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_blocks, None, grad_bias
+
+
+def block_rotated_linear(x: torch.Tensor, blocks: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x @ blockdiag(blocks), weight, bias)``; the fused path needs a frozen ``weight``."""
+    if weight.requires_grad:
+        return torch.nn.functional.linear(block_rotate(x, blocks), weight, bias)
+    return _BlockRotatedLinear.apply(x, blocks, weight, bias)
 
 
 def block_diag_dense(blocks: torch.Tensor) -> torch.Tensor:
@@ -183,13 +235,19 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
 
 
 def householder_rotate_input(x: torch.Tensor, u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
-    """``x @ H^T`` for HRA's ``H = H_0 ... H_{r-1}`` (or ``I - 2QQ^T`` with Gram-Schmidt), at O(tokens * d * r)."""
+    """``x @ H^T`` for HRA's ``H = H_0 ... H_{r-1}`` (or ``I - 2QQ^T`` with Gram-Schmidt), at O(tokens * d * r).
+
+    Without Gram-Schmidt the columns need no normalising: with ``H_i = I - 2 u_i u_i^T / |u_i|^2`` the WY factor is
+    ``T^{-1} = diag(|u_i|^2) / 2 + strict_upper(U^T U)``, one masked r x r Gram matrix and a triangular solve.
+    """
     u = u.to(x.dtype)
     if apply_gs:
         q = gram_schmidt(u)
         return x - 2.0 * (x @ q) @ q.t()
-    u = normalize_columns(u)
-    t = householder_t_factor(u)
+    r = u.shape[1]
+    eye = torch.eye(r, device=u.device, dtype=u.dtype)
+    mask = torch.triu(torch.ones(r, r, device=u.device, dtype=u.dtype), diagonal=1) + 0.5 * eye
+    t = torch.linalg.solve_triangular((u.t() @ u) * mask, eye, upper=True)
     return x - ((x @ u) @ t.t()) @ u.t()
 
 
