@@ -11,6 +11,9 @@ from .methods.loha import LoHaConfig
 from .methods.lokr import KronAConfig, LoKrConfig
 from .methods.xlora import XLoraConfig, XLoraModel
 from .methods.miss import MissConfig
+from .methods.oft import OFTConfig
+from .methods.boft import BOFTConfig
+from .methods.hra import HRAConfig, HRAModel
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -35,6 +38,10 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "LoraModel",
+    "OFTConfig",
+    "BOFTConfig",
+    "HRAConfig",
+    "HRAModel",
     "XLoraModel",
     "XLoraConfig",
     "MissConfig",
