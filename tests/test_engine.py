@@ -314,6 +314,34 @@ def test_local_folder_named_like_a_hub_id_and_missing_paths(tmp_path, monkeypatc
         PeftModel.from_pretrained(copy.deepcopy(base), "no-such-org/no-such-adapter")
 
 
+def test_get_peft_model_twice_on_the_same_model_does_not_overwrite_the_first():
+    spec = MODELS["llama"]
+    base = spec.build()
+    first = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    _noise(first, "default", 1)
+    expected = _out(spec, first)
+    for config in (LoraConfig(r=8, target_modules=["q_proj"]), LoraConfig(r=8, target_modules=["nothing_matches"])):
+        with pytest.raises(ValueError, match="already holds an adapter named 'default'.*get_peft_model called twice"):
+            get_peft_model(base, config)
+    assert first.base_model.model.model.layers[0].self_attn.q_proj.r == {"default": 4}
+    assert torch.equal(_out(spec, first), expected)
+
+
+@pytest.mark.parametrize("name", ["a.b", "../up", "x/y", "", "__base__"])
+def test_adapter_names_that_cannot_be_keys_or_folders_are_refused(name):
+    with pytest.raises(ValueError, match="Invalid adapter name"):
+        get_peft_model(MODELS["mlp"].build(), LoraConfig(r=2, target_modules=["lin0"]), adapter_name=name)
+
+
+def test_wrapping_a_peft_model_again_is_refused(tmp_path):
+    model = get_peft_model(MODELS["mlp"].build(), LoraConfig(r=2, target_modules=["lin0"]))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="add_adapter"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["lin1"]))
+    with pytest.raises(ValueError, match="load_adapter"):
+        PeftModel.from_pretrained(model, tmp_path)
+
+
 # ------------------------------------------------------------------------------------------- several adapters
 def test_add_adapter_is_not_active_until_set_adapter():
     spec, base, model = _llama_with_two()
@@ -397,6 +425,23 @@ def test_merge_and_unload_selected_adapters_safely():
     assert type(merged) is type(base)
     torch.testing.assert_close(_out(spec, merged), out_b, atol=1e-5, rtol=0)
     assert set(merged.state_dict()) == set(base.state_dict())
+
+
+def test_merge_and_unload_uses_the_merged_adapters_own_head():
+    spec = MODELS["bert"]
+    base = spec.build()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["value"], modules_to_save=["classifier"]))
+    _noise(model, "default", 1)
+    _noise(model, "b", 2)
+    model.eval()
+    model.set_adapter("b")
+    out_b = _out(spec, model)
+    model.set_adapter("default")
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=["b"])
+    torch.testing.assert_close(_out(spec, merged), out_b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="own trained copy of classifier"):
+        copy.deepcopy(model).merge_and_unload(adapter_names=["default", "b"])
 
 
 def test_unload_returns_the_original_model():

@@ -218,6 +218,8 @@ class PeftModel(nn.Module):
         **hub_kwargs: Any,
     ) -> "PeftModel":
         """Load an adapter saved by peftkit or Hugging Face PEFT onto ``model`` (local folder or hub id)."""
+        if isinstance(model, PeftModel):
+            raise ValueError("The model already is a PeftModel; use model.load_adapter(path, adapter_name) to add one.")
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable

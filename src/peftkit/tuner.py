@@ -28,6 +28,17 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model, name
 
 
+def _check_adapter_name(name: str) -> None:
+    """Adapter names become module keys and, on save, sub-folder names: keep them plain."""
+    from .layer import BASE_ADAPTER
+
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\") or name == BASE_ADAPTER:
+        raise ValueError(
+            f"Invalid adapter name {name!r}: use a non-empty name without '.', '/' or '\\' (it becomes a module key "
+            f"and a sub-folder name), other than {BASE_ADAPTER!r} (which means 'no adapter' in adapter_names=)."
+        )
+
+
 class AdapterModel(nn.Module):
     """Holds the user's model as ``self.model`` (so state-dict keys read ``base_model.model.<path>`` inside a
     :class:`~peftkit.peft_model.PeftModel`, as in Hugging Face PEFT) and the adapters injected into it."""
@@ -112,6 +123,7 @@ class AdapterModel(nn.Module):
         ``loading=True`` means the weights come from a checkpoint next: layers skip data-dependent or costly
         initialisation (e.g. PiSSA's SVD), which would be overwritten anyway.
         """
+        _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name or delete it first.")
         if self.peft_config:
@@ -120,6 +132,16 @@ class AdapterModel(nn.Module):
                 raise ValueError(
                     f"This model holds {first.peft_type} adapters; an adapter of another method ({config.peft_type}) "
                     "cannot be added to it."
+                )
+        for path, module in self.model.named_modules():
+            held = module.adapter_configs if isinstance(module, AdapterLayer) else (
+                module.modules_to_save if isinstance(module, ModulesToSaveWrapper) else ())
+            if adapter_name in held:
+                # another PeftModel wrapped this same model object; adding would overwrite its adapter silently
+                raise ValueError(
+                    f"{path or 'The model'} already holds an adapter named {adapter_name!r} that this model does not "
+                    "manage (was get_peft_model called twice on the same model?). Call unload() or "
+                    "merge_and_unload() on the first PeftModel, or add_adapter() to it under a new name."
                 )
         spec = method_for_config(config)
         config = self._resolve_targets(config, spec)
@@ -303,15 +325,25 @@ class AdapterModel(nn.Module):
             layer.unmerge()
 
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        # the trained copy of a modules_to_save module that belongs to the merged adapters (one at most)
+        chosen: dict[str, Optional[str]] = {}
         if merge:
+            names = self._check_names(adapter_names)
+            for path, wrapper in self.modules_to_save_wrappers():
+                owners = [n for n in names if n in wrapper.modules_to_save]
+                if len(owners) > 1:
+                    raise ValueError(
+                        f"Adapters {owners} each have their own trained copy of {path}; merge one of them at a time."
+                    )
+                chosen[path] = owners[0] if owners else None
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         for name, layer in list(self.adapter_layers()):
             parent, attr = _get_parent(self.model, name)
             setattr(parent, attr, layer.get_base_layer())
         for name, wrapper in list(self.modules_to_save_wrappers()):
             parent, attr = _get_parent(self.model, name)
-            active = wrapper.active_adapter
-            setattr(parent, attr, wrapper.modules_to_save[active] if (merge and active) else wrapper.original_module)
+            owner = chosen.get(name)
+            setattr(parent, attr, wrapper.modules_to_save[owner] if owner else wrapper.original_module)
         return self.model
 
     def merge_and_unload(
