@@ -311,6 +311,14 @@ def test_optimizer_hook_shrinks_ranks_and_checkpoint_reloads_pruned(tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.allclose(spec.output(theirs(**spec.inputs(3))), expected, atol=1e-6)
+    # shrinking the live model to the kept ranks leaves its outputs unchanged
+    with torch.no_grad():
+        before = spec.output(model(**spec.inputs(3)))
+    model.base_model.resize_modules_by_rank_pattern(pattern, "default")
+    assert {k: e.shape[0] for k, (_, e, _) in model.base_model.triplets("default").items()} == ranks
+    with torch.no_grad():
+        assert torch.allclose(spec.output(model(**spec.inputs(3))), before, atol=1e-6)
+
     # a detached hook no longer allocates
     opt.step()
     assert hook.global_step == 20

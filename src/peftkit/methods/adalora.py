@@ -289,12 +289,14 @@ class AdaLoraModel(AdapterModel):
         super().inject_adapter(adapter_name, config, loading=loading)
         if not config.inference_mode:
             self.trainable_adapter_name = adapter_name
-            triplets = self.triplets(adapter_name)
-            self.rankallocator = RankAllocator(
-                config.beta1, config.beta2,
-                init_budget=sum(t[1].shape[0] for t in triplets.values()),
-                target_budget=config.target_r * len(triplets),
-            )
+            self.rankallocator = self._new_allocator(adapter_name)
+
+    def _new_allocator(self, adapter_name: str) -> RankAllocator:
+        """Budget from the adapter's current ranks down to ``target_r`` per matrix."""
+        config = self.peft_config[adapter_name]
+        triplets = self.triplets(adapter_name)
+        init_budget = sum(t[1].shape[0] for t in triplets.values())
+        return RankAllocator(config.beta1, config.beta2, init_budget, config.target_r * len(triplets))
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -373,6 +375,29 @@ class AdaLoraModel(AdapterModel):
             allocator.reset()
         elif config.rank_pattern:
             apply_rank_pattern(triplets, config.rank_pattern)
+
+    @torch.no_grad()
+    def resize_modules_by_rank_pattern(self, rank_pattern: dict[str, list[bool]], adapter_name: str) -> None:
+        """Drop the pruned triplets from the live layers (after training, for a smaller model in memory).
+
+        The parameters are replaced by new, smaller ones: an optimiser built before this call no longer holds them.
+        The scaling keeps dividing by the initial rank, so the outputs do not change.
+        """
+        for name, layer in self.adapter_layers():
+            if not isinstance(layer, SVDLayer) or adapter_name not in layer.lora_E:
+                continue
+            mask = rank_pattern.get(f"{name}.lora_E", rank_pattern.get(f"{name}.lora_E.{adapter_name}"))
+            a, e, b = layer.triplet(adapter_name)
+            if mask is None or len(mask) != e.shape[0] or all(mask):
+                continue
+            keep = torch.tensor(mask, dtype=torch.bool, device=e.device)
+            trainable = e.requires_grad
+            for slot, value in (("lora_A", a[keep]), ("lora_E", e[keep]), ("lora_B", b[:, keep])):
+                getattr(layer, slot)[adapter_name] = nn.Parameter(value.clone(), requires_grad=trainable)
+            layer.r[adapter_name] = int(keep.sum())
+        if self.rankallocator is not None and adapter_name == self.trainable_adapter_name:
+            # the importance averages have the old shapes: start a new budget from the kept ranks
+            self.rankallocator = self._new_allocator(adapter_name)
 
     # ------------------------------------------------------------------------------------------ save / load
     def adapter_tensors_to_save(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
