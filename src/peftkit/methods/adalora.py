@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -332,7 +332,8 @@ class AdaLoraModel(AdapterModel):
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         name = self.trainable_adapter_name
-        # As in PEFT, the penalty joins any loss the model returns while an adapter is trainable.
+        # The penalty joins any loss the model returns while an adapter is trainable (also in eval mode), as in
+        # PEFT's task models (PeftModelForCausalLM, ...); PEFT's plain PeftModel skips it, ours never does.
         if isinstance(loss, torch.Tensor) and name is not None and name in self.active_adapters and self._enabled():
             weight = self.peft_config[name].orth_reg_weight
             outputs.loss = loss + weight * self.orthogonal_regularization(name).to(loss.dtype)
