@@ -707,3 +707,31 @@ def test_creation_benchmark_script_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"ratio peftkit/peft \d+\.\d\d", out)
     assert "meta-device model" in out
+
+
+# ------------------------------------------------------------------------------------------ transformers.Trainer
+@pytest.mark.parametrize("task", ["SEQ_CLS", None])
+def test_trainer_keeps_input_columns_and_finds_labels(task, tmp_path):
+    """transformers.Trainer drops dataset columns its model's forward does not name and reads label names from the
+    model class; it sees through Hugging Face PEFT's classes only, so ours must expose the right signatures."""
+    transformers = pytest.importorskip("transformers")
+    spec = MODELS["bert"]
+    model = get_peft_model(spec.build(), LoraConfig(r=4, target_modules=["query", "value"], task_type=task,
+                                                   modules_to_save=["classifier"]))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 96, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+             "token_type_ids": torch.zeros(8, dtype=torch.long), "labels": i % 3, "row_id": i} for i in range(16)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, learning_rate=5e-2,
+        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0,  # remove_unused_columns stays at its default, True
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    if task == "SEQ_CLS":
+        assert trainer.label_names == ["labels"]
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < before
+    if task == "SEQ_CLS":
+        prediction = trainer.predict(data)
+        assert prediction.label_ids is not None and prediction.predictions.shape == (16, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -18,6 +19,59 @@ from .save_load import get_adapter_state_dict, set_adapter_state_dict
 from .tuner import AdapterModel
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+
+class _BoundForward:
+    """``peft_model.forward``: calls :meth:`PeftModel._forward`; its signature is the wrapped model's forward
+    signature plus ``adapter_names``. ``transformers.Trainer`` keeps only the dataset columns that
+    ``inspect.signature(model.forward)`` names (it looks through Hugging Face PEFT's classes, not ours)."""
+
+    __slots__ = ("_fn", "_model")
+
+    def __init__(self, fn: Any, model: "PeftModel") -> None:
+        self._fn, self._model = fn, model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self._model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            inner = inspect.signature(self._model.base_model.model.forward)
+        except (TypeError, ValueError):
+            inner = inspect.signature(self._fn)
+            inner = inner.replace(parameters=list(inner.parameters.values())[1:])
+        params = list(inner.parameters.values())
+        if "adapter_names" not in inner.parameters:
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            at = next((i for i, q in enumerate(params) if q.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+            params.insert(at, extra)
+        return inner.replace(parameters=params)
+
+
+class _Forward:
+    """Descriptor for ``PeftModel.forward``. On an instance: a :class:`_BoundForward`. On the class: a callable whose
+    signature names the task's label arguments (``transformers.utils.find_labels`` reads ``type(model).forward``)."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, instance: Optional["PeftModel"], owner: type) -> Any:
+        if instance is not None:
+            return _BoundForward(self._fn, instance)
+        fn = self._fn
+
+        def forward(self_: "PeftModel", *args: Any, **kwargs: Any) -> Any:
+            return fn(self_, *args, **kwargs)
+
+        kind = inspect.Parameter
+        params = [kind("self", kind.POSITIONAL_OR_KEYWORD), kind("args", kind.VAR_POSITIONAL)]
+        params += [kind(name, kind.KEYWORD_ONLY, default=None) for name in getattr(owner, "_label_names", ())]
+        params += [kind("adapter_names", kind.KEYWORD_ONLY, default=None), kind("kwargs", kind.VAR_KEYWORD)]
+        forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        forward.__doc__ = fn.__doc__
+        return forward
 
 
 def _adapter_model_for(model: nn.Module, config: PeftConfig, adapter_name: str, loading: bool) -> AdapterModel:
@@ -88,10 +142,16 @@ class PeftModel(nn.Module):
                 f"(and {BASE_ADAPTER!r} for no adapter)."
             )
 
-    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters."""
         self._check_adapter_names(adapter_names)
         with mixed_batch(self.base_model.model, adapter_names):
             return self.base_model(*args, **kwargs)
+
+    forward = _Forward(_forward)
+    # What transformers.Trainer treats as labels (see _Forward). Without a task type the wrapped class is unknown
+    # here; "labels" is what transformers models take.
+    _label_names: tuple[str, ...] = ("labels",)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         self._check_adapter_names(adapter_names)
@@ -245,6 +305,8 @@ class PeftModel(nn.Module):
 class PeftModelForSequenceClassification(PeftModel):
     """Also trains and saves the classification head (``classifier`` or ``score``), as PEFT does."""
 
+    _label_names = ("labels",)
+
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> None:
         if not hasattr(config, "modules_to_save"):
             return
@@ -261,6 +323,8 @@ class PeftModelForTokenClassification(PeftModelForSequenceClassification):
 
 
 class PeftModelForQuestionAnswering(PeftModel):
+    _label_names = ("start_positions", "end_positions")
+
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> None:
         if hasattr(config, "modules_to_save") and any(n.endswith("qa_outputs") for n, _ in model.named_modules()):
             merged = list(config.modules_to_save or [])
@@ -270,6 +334,8 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 
 class PeftModelForCausalLM(PeftModel):
+    _label_names = ("labels",)
+
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.model.prepare_inputs_for_generation(*args, **kwargs)
 
