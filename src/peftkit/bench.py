@@ -229,7 +229,9 @@ def bench_method(job: Job) -> dict[str, Any]:
     original = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
     model, config = prepare_model(job.method, model, job.options, args.steps)
     if job.library == PEFT:
-        model = to_peft_model(model.unload() if hasattr(model, "unload") else model, config)
+        model = to_peft_model(model.unload(), config)
+    elif config is not None:  # the model's copy: the task wrapper added the classifier to modules_to_save
+        config = model.peft_config["default"]
     trainable, total = count_parameters(model)
     lr = args.lr if args.lr is not None else default_lr(job.method)
     optimizer = make_optimizer(model, lr)
@@ -238,7 +240,7 @@ def bench_method(job: Job) -> dict[str, Any]:
     stats = train_steps(model, train_b.cycle(), args.steps, optimizer, device, args.progress, f"{job.method.lower()} ({job.library})")
     memory = meter.stop()
     del optimizer
-    pred, gold, eval_s, eval_tokens = predict(model, test_b, device)
+    pred, gold, _, _ = predict(model, test_b, device)
     infer_batches = list(test_b)[: max(1, args.infer_batches)]
     result: dict[str, Any] = {
         "method": job.method.lower(), "library": job.library, "options": job.options,

@@ -106,7 +106,7 @@ def _bench(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_size=args.train_size,
         test_size=args.test_size, infer_batches=args.infer_batches, max_length=args.max_length, seed=args.seed,
         device=args.device, dtype=args.dtype, against=args.against, in_process=args.in_process, out=args.out,
-        progress=not args.no_progress,
+        progress=not args.no_progress, threads=args.threads,
     ))
     return 0
 
@@ -136,13 +136,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler = {"train": _train, "bench": _bench, "inspect": _inspect, "merge": _merge}[args.command]
     try:
         return handler(args)
-    except UsageError as exc:
+    except (UsageError, FileNotFoundError) as exc:
         print(f"peftkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"peftkit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # python -m peftkit.cli
-    sys.exit(main())
