@@ -14,8 +14,7 @@ from models import MODELS
 import peftkit
 from peftkit import BOFTConfig, HRAConfig, OFTConfig
 from peftkit.methods import orthogonal_ops as ops
-from peftkit.methods.boft import BOFTLayer
-from peftkit.methods.hra import HRALayer, orthogonality_loss
+from peftkit.methods.hra import orthogonality_loss
 from peftkit.methods.oft import OFTLayer, OrthogonalLayer
 
 
@@ -194,6 +193,30 @@ def test_mixed_batch_rows_use_their_adapter():
     assert torch.allclose(mixed[0], a[0], atol=1e-5)
     assert torch.allclose(mixed[1], b[1], atol=1e-5)
     assert torch.allclose(mixed[2], base[2], atol=1e-5)
+
+
+def test_mixed_batch_conv_and_embedding():
+    spec = MODELS["cnn"]
+    model = peftkit.get_peft_model(spec.build(), HRAConfig(r=2, init_weights=False, target_modules=["conv0", "conv1"]))
+    model.eval()
+    kw = spec.inputs(2)
+    with torch.no_grad():
+        mixed = model(**kw, adapter_names=["__base__", "default"])
+        adapted = model(**kw)
+        with model.disable_adapter():
+            base = model(**kw)
+    assert torch.allclose(mixed[0], base[0], atol=1e-5) and torch.allclose(mixed[1], adapted[1], atol=1e-5)
+    spec = MODELS["llama"]
+    model = peftkit.get_peft_model(spec.build(), OFTConfig(oft_block_size=8, init_weights=False,
+                                                           target_modules=["embed_tokens", "q_proj"]))
+    model.eval()
+    kw = spec.inputs(2)
+    with torch.no_grad():
+        mixed = model(**kw, adapter_names=["default", "__base__"]).logits
+        adapted = model(**kw).logits
+        with model.disable_adapter():
+            base = model(**kw).logits
+    assert torch.allclose(mixed[0], adapted[0], atol=1e-5) and torch.allclose(mixed[1], base[1], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- orthogonality

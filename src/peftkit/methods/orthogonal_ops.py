@@ -48,7 +48,7 @@ def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
     """Truncated Neumann series of the Cayley transform of skew ``q`` (n, b, b), in PEFT's exact form:
     ``I + 2Q + 2Q^2 + ... + 2Q^(K-1) + Q^K`` (approximately orthogonal when ``q`` is small).
 
-    Evaluated by Horner's rule, one fused ``baddbmm`` per power.
+    Evaluated by Horner's rule: one product and one add per power (``baddbmm``'s backward is slow on CPU).
     """
     coeffs = _neumann_coefficients(num_terms)
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
@@ -56,7 +56,7 @@ def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
         return eye.expand_as(q).clone()
     t = q * coeffs[-1] + eye * coeffs[-2]
     for c in reversed(coeffs[:-2]):
-        t = torch.baddbmm(eye * c, q, t)
+        t = torch.bmm(q, t) + eye * c
     return t
 
 
