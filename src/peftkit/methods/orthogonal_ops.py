@@ -21,17 +21,22 @@ import torch
 
 
 @functools.lru_cache(maxsize=64)
-def _triu_index(block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
-    return rows, cols
+def _skew_index(block_size: int, device: str) -> torch.Tensor:
+    """Flat (b*b,) index into ``[0, vec, -vec]``: 0 on the diagonal, 1 + k above it, 1 + m + k below it."""
+    m = block_size * (block_size - 1) // 2
+    rows, cols = torch.triu_indices(block_size, block_size, 1)
+    idx = torch.zeros(block_size, block_size, dtype=torch.long)
+    idx[rows, cols] = torch.arange(m) + 1
+    idx[cols, rows] = torch.arange(m) + 1 + m
+    return idx.reshape(-1).to(device)
 
 
 def skew_from_vector(vec: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(n_blocks, b*(b-1)/2) strictly-upper entries -> (n_blocks, b, b) skew-symmetric matrices Q = U - U^T."""
-    rows, cols = _triu_index(block_size, str(vec.device))
-    upper = vec.new_zeros(vec.shape[0], block_size, block_size)
-    upper[:, rows, cols] = vec
-    return upper - upper.transpose(-2, -1)
+    """(n_blocks, b*(b-1)/2) strictly-upper entries (row-major, as ``triu_indices``) -> (n_blocks, b, b)
+    skew-symmetric matrices Q = U - U^T. One gather (backward: one index_add) instead of a scatter."""
+    n = vec.shape[0]
+    signed = torch.cat([vec.new_zeros(n, 1), vec, -vec], dim=1)
+    return signed.index_select(1, _skew_index(block_size, str(vec.device))).view(n, block_size, block_size)
 
 
 def _neumann_coefficients(num_terms: int) -> list[float]:
