@@ -135,18 +135,25 @@ FAST_CASES = [
     ("boft", lambda: BOFTConfig(boft_block_size=4, target_modules=QV)),
     ("boft-butterfly", lambda: BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3, target_modules=QV)),
     ("hra", lambda: HRAConfig(r=4, target_modules=QV)),
+    ("hra-mlp-bias", lambda: HRAConfig(r=4, target_modules=["lin1"], bias="hra_only")),
+    ("oft-mlp-bias", lambda: OFTConfig(oft_block_size=8, target_modules=["lin1"], bias="oft_only")),
+    ("boft-mlp-bias", lambda: BOFTConfig(boft_block_size=4, target_modules=["lin1"], bias="boft_only")),
     ("hra-gs", lambda: HRAConfig(r=3, apply_GS=True, target_modules=QV)),
 ]
 
 
 @pytest.mark.parametrize("make", [c[1] for c in FAST_CASES], ids=[c[0] for c in FAST_CASES])
 def test_fast_path_matches_reference_outputs_and_grads(make):
-    model = peftkit.get_peft_model(MODELS["llama"].build(), make())
+    config = make()
+    model = peftkit.get_peft_model(MODELS["mlp" if config.target_modules == ["lin1"] else "llama"].build(), config)
     _perturb(model)
     layer = _layers(model)[0]
     names = ["default"]
     x = torch.randn(2, 5, layer.in_features, requires_grad=True)
     params = [p for _, p in layer.adapter_parameters("default")]
+    if config.bias != "none":
+        params.append(layer.get_base_layer().bias)
+        assert params[-1].requires_grad
     fast = layer.forward_adapters(x, names)
     grads_fast = torch.autograd.grad((fast * torch.cos(fast)).sum(), [x] + params)
     ref = layer.forward_reference(x, names)

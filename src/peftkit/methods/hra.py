@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,13 @@ class HRALayer(OrthogonalLayer):
 
     def _rotate(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return ops.householder_rotate_input(x, self.hra_u[name], self.hra_apply_GS[name])
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind == "linear" and len(names) == 1 and not self.hra_apply_GS[names[0]]:
+            # one adapter: fold the reflections into W for the forward GEMM, thin products in backward
+            base = self.get_base_layer()
+            return ops.householder_linear(x, self.hra_u[names[0]], base.weight, base.bias)
+        return super().forward_adapters(x, names, *args, **kwargs)
 
     def _inverse_rotation(self, name: str) -> torch.Tensor:
         return ops.householder_dense(self.hra_u[name], self.hra_apply_GS[name], transpose=False)

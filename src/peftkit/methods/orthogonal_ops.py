@@ -249,11 +249,58 @@ def householder_rotate_input(x: torch.Tensor, u: torch.Tensor, apply_gs: bool) -
     if apply_gs:
         q = gram_schmidt(u)
         return x - 2.0 * (x @ q) @ q.t()
+    t = householder_t_from_raw(u)
+    return x - ((x @ u) @ t.t()) @ u.t()
+
+
+class _HouseholderLinear(torch.autograd.Function):
+    """``F.linear(x - x U T^T U^T, W, bias)`` for a frozen W: forward folds the reflections into W (no pass over the
+    activations beyond the base GEMM); backward uses ``g_h = g @ W`` (needed by a frozen layer anyway) and a few
+    (tokens x d x r) products. Gradients flow to U directly and through T (computed outside with autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]):
+        folded = weight - ((weight @ u) @ t) @ u.t()  # W H
+        ctx.save_for_backward(x, u, t, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, folded, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, u, t, weight = ctx.saved_tensors
+        d = x.shape[-1]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, d)
+        grad_h = g2 @ weight  # gradient w.r.t. h = x H^T
+        b = grad_h @ u
+        bt = b @ t
+        grad_x = grad_u = grad_t = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h - bt @ u.t()).reshape(x.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            a = x2 @ u
+            grad_u = -(x2.t() @ bt) - grad_h.t() @ (a @ t.t())
+            grad_t = -(b.t() @ a)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_u, grad_t, None, grad_bias
+
+
+def householder_linear(x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x @ H^T, weight, bias)`` for HRA without Gram-Schmidt; fused when ``weight`` is frozen."""
+    if weight.requires_grad:
+        return torch.nn.functional.linear(householder_rotate_input(x, u, False), weight, bias)
+    u = u.to(x.dtype)
+    return _HouseholderLinear.apply(x, u, householder_t_from_raw(u), weight, bias)
+
+
+def householder_t_from_raw(u: torch.Tensor) -> torch.Tensor:
+    """WY factor T for raw (not normalised) planes: ``T^{-1} = diag(|u_i|^2) / 2 + strict_upper(U^T U)``."""
     r = u.shape[1]
     eye = torch.eye(r, device=u.device, dtype=u.dtype)
     mask = torch.triu(torch.ones(r, r, device=u.device, dtype=u.dtype), diagonal=1) + 0.5 * eye
-    t = torch.linalg.solve_triangular((u.t() @ u) * mask, eye, upper=True)
-    return x - ((x @ u) @ t.t()) @ u.t()
+    return torch.linalg.solve_triangular((u.t() @ u) * mask, eye, upper=True)
 
 
 def householder_dense(u: torch.Tensor, apply_gs: bool, transpose: bool = False) -> torch.Tensor:
