@@ -45,7 +45,6 @@ def _perturb_then_project(model):
 
 
 QV = ["q_proj", "v_proj"]
-# One case per method and model family in the default run ...
 CASES = [
     case("oft-llama-neumann", "llama", OFTConfig, "OFTConfig", oft_block_size=8,
          target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"]),
@@ -57,9 +56,6 @@ CASES = [
     case("boft-cnn", "cnn", BOFTConfig, "BOFTConfig", boft_block_size=9, target_modules=["conv0", "conv1"]),
     case("hra-llama", "llama", HRAConfig, "HRAConfig", r=4, target_modules="all-linear"),
     case("hra-cnn", "cnn", HRAConfig, "HRAConfig", r=4, target_modules=["conv0", "conv1"]),
-]
-# ... and the variants under -m slow (same contract).
-SLOW_CASES = [
     case("oft-llama-exact-r-share", "llama", OFTConfig, "OFTConfig", r=4, oft_block_size=0, use_cayley_neumann=False,
          block_share=True, target_modules=QV),
     case("oft-llama-coft", "llama", OFTConfig, "OFTConfig", oft_block_size=4, coft=True, eps=0.5, target_modules=QV,
@@ -76,7 +72,6 @@ SLOW_CASES = [
 ]
 
 globals().update(contract_tests(CASES))
-globals().update({f"{name}_variants": pytest.mark.slow(fn) for name, fn in contract_tests(SLOW_CASES).items()})
 
 
 def _perturb(model, scale=0.1, seed=0):
