@@ -66,8 +66,12 @@ class BenchArgs:
 
 # --------------------------------------------------------------------------------------------- measuring
 def _rss_mib() -> float:
-    import psutil
-
+    """Current resident set size (psutil where installed, else Linux's /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     return psutil.Process().memory_info().rss / 2**20
 
 

@@ -159,6 +159,7 @@ def load_base_for_adapter(base: str, adapter: str) -> tuple[Any, Optional[Any]]:
     from ..config import PeftConfig
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     config = PeftConfig.from_pretrained(adapter)
     if base in ("default", "all-MiniLM-L6-v2"):
         from ..train import default_model_path
