@@ -160,6 +160,7 @@ def test_every_registered_method_trains_and_reloads(tiny, tmp_path, method):
     (["--text-column", "txt"], "Column 'txt' not found"),
     (["-o", "target_modules=nothing_here"], "cannot take --method lora"),
     (["--method", "full", "-o", "r=2"], "--method full takes no --method-option"),
+    (["--method", "xlora"], "X-LoRA mixes already trained LoRA experts"),
 ])
 def test_train_errors_are_clear(tiny, tmp_path, capsys, args, message):
     model_dir, data = tiny
