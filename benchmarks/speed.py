@@ -38,7 +38,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
     "lora-qv": ("LORA", dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]), {}),
     "lora-all": ("LORA", dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR), {}),
-    "lora-all-factored": ("LORA", dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR), {"PEFTKIT_LORA_PATH": "factored"}),
+    "lora-all-auto": ("LORA", dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR), {"PEFTKIT_LORA_PATH": "auto"}),
     "dora-all": ("LORA", dict(r=16, lora_alpha=32, use_dora=True, target_modules=ALL_LINEAR), {}),
     "loha-all": ("LOHA", dict(r=16, alpha=32, target_modules=ALL_LINEAR), {}),
     "lokr-all": ("LOKR", dict(r=16, alpha=32, target_modules=ALL_LINEAR), {}),

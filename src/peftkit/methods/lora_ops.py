@@ -152,13 +152,16 @@ def mixed_lora_add(result: torch.Tensor, x: torch.Tensor, stack, index: torch.Te
 # weights are float32) and the rank-r activations in float32; this node computes in the input's dtype, saves the
 # input once plus the rank-r products, and adds the LoRA product into the base output in place.
 #
-# Two ways to compute the same function, chosen per call by cost (see ``choose_merged``):
+# Two ways to compute the same function (see ``choose_merged``; factored unless PEFTKIT_LORA_PATH says otherwise):
 #   factored: y = x W^T + b, then y += s (x A^T) B^T         extra traffic ~ tokens * (in + 2 out)
 #   merged:   y = x (W + s B A)^T + b with W + sBA built transiently (out x in, one layer at a time)
 #             extra traffic ~ 3 * in * out; cheaper once the batch has more tokens than the layer has features.
 # Backward mirrors it: dx = g W + s (g B) A (rank-first) or dx = g (W + sBA); dA = s (gB)^T x_d, dB = s g^T h.
 
-_PATH_ENV = "PEFTKIT_LORA_PATH"  # "auto" (default), "factored" or "merged": forces a strategy (benchmarks, tests)
+# "factored" (default), "merged" or "auto" (the byte-count rule below). Factored is the default because it is the
+# one measured faster here: on CPU (fp32, benchmarks/speed.py) auto/merged gave 1.31x the frozen-base step against
+# 1.19x for factored; the byte-count argument for merged on large GPU batches is not yet measured on a device.
+_PATH_ENV = "PEFTKIT_LORA_PATH"
 
 
 def choose_merged(tokens: int, in_f: int, out_f: int, backward: bool = True) -> bool:
@@ -170,11 +173,13 @@ def choose_merged(tokens: int, in_f: int, out_f: int, backward: bool = True) -> 
     """
     import os
 
-    mode = os.environ.get(_PATH_ENV, "auto")
+    mode = os.environ.get(_PATH_ENV, "factored")
     if mode == "merged":
         return True
     if mode == "factored":
         return False
+    if mode != "auto":
+        raise ValueError(f"{_PATH_ENV}={mode!r}: use 'factored', 'merged' or 'auto'.")
     if backward:
         return tokens * (3 * in_f + 2 * out_f) > 4 * in_f * out_f
     return tokens * (in_f + 2 * out_f) > 2 * in_f * out_f
