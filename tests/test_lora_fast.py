@@ -150,12 +150,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("merged", ["factored", "merged"])
-@pytest.mark.parametrize("model_name,kw,path", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_model_fast_path_equals_reference_path(model_name, kw, path, merged, monkeypatch):
+# every case with the default (factored) strategy; the merged strategy on one plain and one Conv1D/DoRA model
+MODEL_RUNS = [(c, "factored") for c in CASES] + [(CASES[0], "merged"), (CASES[3], "merged")]
+
+
+@pytest.mark.parametrize("case,merged", MODEL_RUNS, ids=[f"{c[0]}-{c[2]}-{m}" for c, m in MODEL_RUNS])
+def test_model_fast_path_equals_reference_path(case, merged, monkeypatch):
     """The same model, once through the fused nodes and once through the plain per-adapter path: same loss,
     same gradient for every trainable parameter (dropout models are compared in eval mode for the output and in
     training mode with the fused node's own masks elsewhere)."""
+    model_name, kw, path = case
     monkeypatch.setenv("PEFTKIT_LORA_PATH", merged)
     spec = MODELS[model_name]
     _, model = _model(model_name, **kw)
@@ -300,3 +304,14 @@ def test_bf16_cuda_nodes_match_fp64_reference(merged):
     _close(y, ref, 1e-2, 1e-2, "dora output")
     for got, exp, name in zip(_grads(y, [x, a, b, m], 6), _grads(ref, leaves64, 6), "x A B m".split()):
         _close(got, exp.to(got.dtype), 2e-2, 1e-2, f"dora grad {name}")
+
+
+def test_strategy_choice_env(monkeypatch):
+    monkeypatch.delenv("PEFTKIT_LORA_PATH", raising=False)
+    assert not lora_ops.choose_merged(10_000, 64, 64)  # factored unless asked
+    monkeypatch.setenv("PEFTKIT_LORA_PATH", "auto")
+    assert lora_ops.choose_merged(10_000, 64, 64) and not lora_ops.choose_merged(8, 4096, 4096)
+    assert lora_ops.choose_merged(2048, 2048, 2048, backward=False)
+    monkeypatch.setenv("PEFTKIT_LORA_PATH", "fast")
+    with pytest.raises(ValueError, match="factored"):
+        lora_ops.choose_merged(1, 1, 1)
