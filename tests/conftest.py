@@ -9,4 +9,5 @@ warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models gain nothing from a second thread, and on a shared machine it mostly waits to be scheduled.
+torch.set_num_threads(1)

@@ -9,8 +9,8 @@ from .methods.adalora import AdaLoraCallback, AdaLoraConfig, AdaLoraModel, attac
 from .methods.lora import LoraConfig, LoraModel
 from .methods.loha import LoHaConfig
 from .methods.lokr import KronAConfig, LoKrConfig
-from .methods.xlora import XLoraConfig, XLoraModel
 from .methods.miss import MissConfig
+from .methods.xlora import XLoraConfig, XLoraModel
 from .methods.oft import OFTConfig
 from .methods.boft import BOFTConfig
 from .methods.hra import HRAConfig, HRAModel
@@ -37,14 +37,12 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MissConfig",
     "LoraModel",
     "OFTConfig",
     "BOFTConfig",
     "HRAConfig",
     "HRAModel",
-    "XLoraModel",
-    "XLoraConfig",
-    "MissConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -55,6 +53,8 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "XLoraConfig",
+    "XLoraModel",
     "get_adapter_state_dict",
     "get_peft_model",
     "set_adapter_state_dict",
