@@ -81,6 +81,13 @@ class MixedBatch:
         return self._index_cache[key]
 
 
+def innermost_base(module: nn.Module) -> nn.Module:
+    """The original module under any number of adapter-layer wrappers."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
 class AdapterLayer(nn.Module):
     """Base class of every layer-wrapping method. See the module docstring for the contract."""
 
@@ -115,10 +122,7 @@ class AdapterLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def get_base_layer(self) -> nn.Module:
-        base = self.base_layer
-        while isinstance(base, AdapterLayer):
-            base = base.base_layer
-        return base
+        return innermost_base(self.base_layer)
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name within this layer, parameter) of one adapter."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, innermost_base
 from ..registry import MethodSpec, register_method
 from ..tuner import AdapterModel
 from .adalora_budget import RankAllocator, Triplet, apply_rank_pattern, budget_schedule
@@ -251,9 +251,7 @@ class SVDConv2d(SVDLayer):
 def create_adalora_layer(
     target: nn.Module, adapter_name: str, config: AdaLoraConfig, module_name: str = "", loading: bool = False
 ) -> Optional[SVDLayer]:
-    base = target
-    while isinstance(base, AdapterLayer):
-        base = base.base_layer
+    base = innermost_base(target)
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
             raise ValueError(f"fan_in_fan_out=True but {module_name} is an nn.Linear (stored as out x in); set it to False.")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, innermost_base
 from ..registry import MethodSpec, register_method
 from . import orthogonal_ops as ops
 from .common import adapter_dtype
@@ -173,9 +173,7 @@ class BOFTLayer(OrthogonalLayer):
 
 def create_boft_layer(target: nn.Module, adapter_name: str, config: BOFTConfig, module_name: str = "",
                       loading: bool = False) -> Optional[BOFTLayer]:
-    base = target
-    while isinstance(base, AdapterLayer):
-        base = base.base_layer
+    base = innermost_base(target)
     if not isinstance(base, (nn.Linear, nn.Conv2d)):
         return None
     if config.fan_in_fan_out:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, innermost_base
 from ..registry import MethodSpec, register_method
 from ..tuner import AdapterModel
 from . import orthogonal_ops as ops
@@ -118,9 +118,7 @@ class HRALayer(OrthogonalLayer):
 
 def create_hra_layer(target: nn.Module, adapter_name: str, config: HRAConfig, module_name: str = "",
                      loading: bool = False) -> Optional[HRALayer]:
-    base = target
-    while isinstance(base, AdapterLayer):
-        base = base.base_layer
+    base = innermost_base(target)
     if not isinstance(base, (nn.Linear, nn.Conv2d)):
         return None
     layer = HRALayer(target)

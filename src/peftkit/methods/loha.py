@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, innermost_base
 from ..registry import MethodSpec, register_method
 from . import lycoris_ops as ops
 from .common import adapter_dtype, pattern_value
@@ -292,17 +292,10 @@ def is_supported_base(base: nn.Module) -> bool:
     return isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d))
 
 
-def unwrap(target: nn.Module) -> nn.Module:
-    base = target
-    while isinstance(base, AdapterLayer):
-        base = base.base_layer
-    return base
-
-
 def create_loha_layer(target: nn.Module, adapter_name: str, config: LoHaConfig, module_name: str = "", loading: bool = False) -> Optional[LoHaLayer]:
     """Wrap ``target`` (Linear / Conv1d / Conv2d) in a LoHa layer; None for other module types (e.g. GPT-2's
     Conv1D, which Hugging Face PEFT's LoHa does not support either)."""
-    if not is_supported_base(unwrap(target)):
+    if not is_supported_base(innermost_base(target)):
         return None
     layer = LoHaLayer(target)
     layer.update_layer(adapter_name, config, module_name=module_name, loading=loading)

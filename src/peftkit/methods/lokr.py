@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 
 from ..config import PeftType
+from ..layer import innermost_base
 from ..registry import MethodSpec, register_method
 from . import lycoris_ops as ops
-from .loha import LycorisLayerBase, LycorisSharedConfig, _kaiming, is_supported_base, unwrap
+from .loha import LycorisLayerBase, LycorisSharedConfig, _kaiming, is_supported_base
 from .lora import LORA
 
 # KronA's rank: any r >= max(b, d) / 2 makes both Kronecker factors full; this covers factors up to 131072.
@@ -219,7 +220,7 @@ class LoKrLayer(LycorisLayerBase):
 def create_lokr_layer(target: nn.Module, adapter_name: str, config: LoKrConfig, module_name: str = "", loading: bool = False) -> Optional[LoKrLayer]:
     """Wrap ``target`` (Linear / Conv1d / Conv2d) in a LoKr layer; None for other module types (e.g. GPT-2's
     Conv1D, which Hugging Face PEFT's LoKr does not support either)."""
-    if not is_supported_base(unwrap(target)):
+    if not is_supported_base(innermost_base(target)):
         return None
     layer = LoKrLayer(target)
     layer.update_layer(adapter_name, config, module_name=module_name, loading=loading)

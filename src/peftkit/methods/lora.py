@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PeftType, TargetedConfig
-from ..layer import BASE_ADAPTER, AdapterLayer, MixedBatch
+from ..layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
 from ..registry import MethodSpec, register_method
 from ..tuner import AdapterModel
 from . import lora_ops
@@ -409,9 +409,7 @@ class ConvNd(LoraLayer):
 
 
 def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> Optional[LoraLayer]:
-    base = target
-    while isinstance(base, AdapterLayer):
-        base = base.base_layer
+    base = innermost_base(target)
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
             raise ValueError(f"fan_in_fan_out=True but {module_name} is an nn.Linear (stored as out x in); set it to False.")

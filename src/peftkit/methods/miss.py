@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, innermost_base
 from ..registry import MethodSpec, register_method
 from .common import adapter_dtype, conv1d_cls
 from .lora import LORA
@@ -217,9 +217,7 @@ class MissLinear(AdapterLayer):
 
 
 def create_miss_layer(target: nn.Module, adapter_name: str, config: MissConfig, module_name: str = "", loading: bool = False) -> Optional[MissLinear]:
-    base = target
-    while isinstance(base, AdapterLayer):
-        base = base.base_layer
+    base = innermost_base(target)
     if isinstance(base, nn.Linear):
         layer = MissLinear(target, fan_in_fan_out=False)
     elif conv1d_cls() and isinstance(base, conv1d_cls()):

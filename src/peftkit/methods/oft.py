@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PeftType, TargetedConfig
-from ..layer import BASE_ADAPTER, AdapterLayer, MixedBatch
+from ..layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
 from ..registry import MethodSpec, register_method
 from . import orthogonal_ops as ops
 from .common import adapter_dtype
@@ -380,9 +380,7 @@ class OFTLayer(OrthogonalLayer):
 
 def create_oft_layer(target: nn.Module, adapter_name: str, config: OFTConfig, module_name: str = "",
                      loading: bool = False) -> Optional[OFTLayer]:
-    base = target
-    while isinstance(base, AdapterLayer):
-        base = base.base_layer
+    base = innermost_base(target)
     if not isinstance(base, (nn.Linear, nn.Conv2d, nn.Embedding)):
         return None
     if config.fan_in_fan_out:
