@@ -65,9 +65,19 @@ def perturb(case: Case, model: torch.nn.Module) -> None:
     (case.perturb or _perturb_default)(model)
 
 
-def _out(spec, model, batch=3):
+def _out(spec, model, batch=3, **kw):
+    """The model's output tensor on ``batch`` example inputs, without gradients (``kw``: e.g. adapter_names)."""
     with torch.no_grad():
-        return spec.output(model(**spec.inputs(batch)))
+        return spec.output(model(**spec.inputs(batch), **kw))
+
+
+def noise_adapter(model, adapter, seed, scale=0.3):
+    """Make LoRA adapter ``adapter`` non-trivial (its factors and its modules_to_save copies)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f".{adapter}." in n and ("lora_" in n or ".modules_to_save." in n):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _close(a, b, atol, what):

@@ -19,18 +19,7 @@ from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _out(spec, model, batch=3, **kw):
-    with torch.no_grad():
-        return spec.output(model(**spec.inputs(batch), **kw))
-
-
-def _noise(model, adapter, seed, scale=0.3):
-    """Make adapter ``adapter`` non-trivial (its LoRA factors and its modules_to_save copies)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if f".{adapter}." in n and ("lora_" in n or ".modules_to_save." in n):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+from contract import _out, noise_adapter as _noise  # noqa: E402
 
 
 def _llama_with_two(tmp=None):

@@ -20,17 +20,7 @@ from peftkit import LoraConfig, PeftModel, get_peft_model
 peft = pytest.importorskip("peft")
 
 
-def _out(spec, model, batch=3):
-    with torch.no_grad():
-        return spec.output(model(**spec.inputs(batch)))
-
-
-def _noise(model, adapter, seed, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if f".{adapter}." in n and ("lora_" in n or ".modules_to_save." in n):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+from contract import _out, noise_adapter as _noise  # noqa: E402
 
 
 def _keys(folder) -> set[str]:
