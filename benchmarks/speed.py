@@ -162,6 +162,13 @@ class Runner:
     def median(self, warmup: int) -> float:
         return statistics.median(self.times[warmup:] or self.times)
 
+    def paired_ratio(self, other: "Runner", warmup: int) -> float:
+        """Median over rounds of this runner's step time divided by ``other``'s step in the same round. The
+        machine's speed drifts by 10-30% over a run (shared cores, frequency); adjacent steps see the same
+        drift, so the per-round ratio is far steadier than a ratio of two medians."""
+        pairs = list(zip(self.times, other.times))[warmup:] or list(zip(self.times, other.times))
+        return statistics.median(a / b for a, b in pairs)
+
     def peak(self) -> float:
         return max(self.mem) if self.mem else float("nan")
 
@@ -198,8 +205,10 @@ class _SavedBytes:
 
 
 def interleave(runners: list[Runner], ids: torch.Tensor, rounds: int, cuda: bool) -> None:
-    for _ in range(rounds):
-        for r in runners:
+    """One step of each runner per round; the order rotates each round so no runner always goes first."""
+    for i in range(rounds):
+        k = i % len(runners)
+        for r in runners[k:] + runners[:k]:
             r.step(ids, cuda)
 
 
@@ -243,7 +252,7 @@ def _train_one(base, name, ids, warmup, steps, cuda) -> dict[str, Any]:
         row["limit_saved_bytes"] = max(limit.saved)
     for r in runners[1:]:
         t, m = r.median(warmup), r.peak()
-        row[r.label] = {"step_s": t, "tokens_per_s": tokens / t, "mem_bytes": m, "time_vs_limit": t / lim_t,
+        row[r.label] = {"step_s": t, "tokens_per_s": tokens / t, "mem_bytes": m, "time_vs_limit": r.paired_ratio(limit, warmup),
                         "mem_vs_limit": m / lim_m, "trainable": r.n_trainable, "times": r.times,
                         "wall_s": statistics.median(r.wall[warmup:] or r.wall)}
         if r.saved:
@@ -253,7 +262,7 @@ def _train_one(base, name, ids, warmup, steps, cuda) -> dict[str, Any]:
             if paths:
                 row["ours"]["paths"] = sorted(paths)
     if "peft" in row:
-        row["ours"]["time_vs_peft"] = row["ours"]["step_s"] / row["peft"]["step_s"]
+        row["ours"]["time_vs_peft"] = runners[1].paired_ratio(runners[2], warmup)
         row["ours"]["mem_vs_peft"] = row["ours"]["mem_bytes"] / row["peft"]["mem_bytes"]
     return row
 
@@ -330,8 +339,8 @@ def _infer_one(base, s, label, n, b, t, warmup, steps, cuda) -> dict[str, Any]:
     base_t = runners[0].median(warmup)
     row: dict[str, Any] = {"case": label, "adapters": n, "batch": b, "seq": t, "base_s": base_t}
     for r in runners[1:]:
-        row[r.label] = {"s": r.median(warmup), "vs_base": r.median(warmup) / base_t}
-    row["ours"]["vs_peft"] = row["ours"]["s"] / row["peft"]["s"]
+        row[r.label] = {"s": r.median(warmup), "vs_base": r.paired_ratio(runners[0], warmup)}
+    row["ours"]["vs_peft"] = runners[1].paired_ratio(runners[2], warmup)
     return row
 
 

@@ -412,3 +412,52 @@ def test_mixed_batch_uses_each_rows_adapter():
                 model.set_adapter(name)
                 want = spec.output(model(**row))
             assert torch.allclose(mixed[i:i + 1], want, atol=1e-5), name
+
+
+@pytest.mark.parametrize("model_key,targets", [("llama", QV), ("gpt2", ["c_attn", "c_fc"])])
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_fused_forward_equals_plain_autograd(model_key, targets, bias):
+    """SVDLinear routes through the fused LoRA node (A' = A * E * scaling / ranknum); outputs and every gradient
+    (A, E, B, trainable bias, the embeddings' input gradient) equal the plain per-adapter composition."""
+    from peftkit.layer import AdapterLayer
+    from peftkit.methods.adalora import SVDLinear
+
+    torch.manual_seed(0)
+    spec = MODELS[model_key]
+    model = peftkit.get_peft_model(spec.build(), AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8,
+                                                      target_modules=targets, bias=bias))
+    _perturb(model)
+    inputs = spec.inputs(2)
+
+    from peftkit.methods import lora_ops
+
+    calls = []
+    real_node = lora_ops.lora_linear
+
+    def counting_node(*a, **k):
+        calls.append(1)
+        return real_node(*a, **k)
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        saved = SVDLinear.forward_adapters
+        if not fused:
+            SVDLinear.forward_adapters = AdapterLayer.forward_adapters
+        lora_ops.lora_linear = counting_node
+        try:
+            out = spec.output(model(**inputs))
+        finally:
+            SVDLinear.forward_adapters = saved
+            lora_ops.lora_linear = real_node
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_out, fused_grads = run(True)
+    n_adapted = sum(isinstance(m, SVDLinear) for m in model.modules())
+    assert len(calls) == n_adapted > 0  # every adapted layer took the fused node
+    ref_out, ref_grads = run(False)
+    assert len(calls) == n_adapted
+    torch.testing.assert_close(fused_out, ref_out, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys() and any(".lora_E." in n for n in fused_grads)
+    for n in ref_grads:
+        torch.testing.assert_close(fused_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -68,6 +68,30 @@ def test_lora_node_matches_reference(merged, fan_in_fan_out, with_bias):
         _close(got, exp, 1e-5, 1e-6, f"grad {name}")
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_dims,scaling", [(2, 1.0), (3, 0.75), (4, 2.0)])
+@pytest.mark.parametrize("needs", ["all", "factors-only", "x-and-B"])
+def test_single_adapter_node_matches_reference(fan_in_fan_out, with_bias, x_dims, scaling, needs):
+    """One adapter without dropout takes the trimmed node (_LoraOneFn); every gradient any caller may ask for
+    (input, bias, A, B, in any subset) must equal plain autograd's."""
+    in_f, out_f = 24, 20
+    lead = {2: (9,), 3: (3, 7), 4: (2, 3, 5)}[x_dims]
+    x = _rand(*lead, in_f, seed=1, requires_grad=needs != "factors-only")
+    w = _rand(*((in_f, out_f) if fan_in_fan_out else (out_f, in_f)), seed=2, requires_grad=False)
+    bias = _rand(out_f, seed=3) if with_bias else None
+    a = _rand(4, in_f, seed=4, requires_grad=needs != "x-and-B")
+    b = _rand(out_f, 4, seed=5)
+    y = lora_ops.lora_linear(x, w, bias, [(a, b, scaling)], fan_in_fan_out)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_LoraOneFnBackward"
+    ref = _lora_reference(x, w, bias, [(a, b, scaling)], fan_in_fan_out, [None], [1.0])
+    _close(y, ref, 1e-6, 1e-6, "output")
+    params = [t for t in (x, bias, a, b) if t is not None and t.requires_grad]
+    for got, exp, name in zip(_grads(y, params, 9), _grads(ref, params, 9), range(len(params))):
+        _close(got, exp, 1e-5, 1e-6, f"grad {name}")
+        assert got.shape == exp.shape
+
+
 def test_lora_node_with_dropout_uses_one_mask_per_adapter():
     in_f, out_f = 16, 12
     x = _rand(2, 5, in_f, seed=1)

@@ -144,3 +144,57 @@ def test_mixed_variants_active_together_merge_equals_unmerged():
         torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
         for n, p in model.get_base_model().named_parameters():
             torch.testing.assert_close(p, before[n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("model_key,kwargs", [
+    ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    ("llama", dict(r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "up_proj"])),
+    ("gpt2", dict(r=4, target_modules=["c_attn", "c_proj"], bias="all")),
+    ("llama", dict(r=5, target_modules=["q_proj", "v_proj"])),  # 32 % 5 != 0: padded shards, always merged
+])
+def test_fused_shard_node_equals_plain_autograd(model_key, kwargs, merged, monkeypatch):
+    """Single shard adapters (default and mini) run as one autograd node, factored or with the transient merged
+    weight; its outputs and gradients (block, trainable bias, input gradient) equal the plain composition's."""
+    from peftkit.layer import AdapterLayer
+    from peftkit.methods import miss as miss_mod
+
+    monkeypatch.setattr(miss_mod, "miss_merged_is_cheaper", lambda *a: merged)
+    fused_expected = True
+    torch.manual_seed(0)
+    spec = MODELS[model_key]
+    model = peftkit.get_peft_model(spec.build(), MissConfig(**kwargs))
+    with torch.no_grad():  # blocks away from zero so the update moves the output
+        for n, p in model.named_parameters():
+            if ".miss_block." in n:
+                p.normal_(0, 0.3)
+    inputs = spec.inputs(2)
+    calls = []
+    real = miss_mod._MissShardFn.apply
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        saved = miss_mod.MissLinear.forward_adapters
+        if not fused:
+            miss_mod.MissLinear.forward_adapters = AdapterLayer.forward_adapters
+        miss_mod._MissShardFn.apply = counting
+        try:
+            out = spec.output(model(**inputs))
+        finally:
+            miss_mod.MissLinear.forward_adapters = saved
+            miss_mod._MissShardFn.apply = real
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_out, fused_grads = run(True)
+    n_layers = sum(isinstance(m, miss_mod.MissLinear) for m in model.modules())
+    assert len(calls) == (n_layers if fused_expected else 0)
+    ref_out, ref_grads = run(False)
+    torch.testing.assert_close(fused_out, ref_out, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(fused_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ from ..config import PeftType, TargetedConfig
 from ..layer import AdapterLayer, innermost_base
 from ..registry import MethodSpec, register_method
 from ..tuner import AdapterModel
+from . import lora_ops
 from .adalora_budget import RankAllocator, Triplet, apply_rank_pattern, budget_schedule
 from .common import adapter_dtype, conv1d_cls
 
@@ -217,6 +218,22 @@ class SVDLinear(SVDLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         delta = self._product(adapter_name)
         return delta.t() if self.fan_in_fan_out else delta
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """AdaLoRA's update is LoRA's with A' = A * E * scaling / ranknum, so the fused LoRA node serves it: one
+        autograd node, computed in the input's dtype, the product added into the base output in place. A' is
+        built by autograd from the small (r, in) factors, so gradients reach A and E unchanged."""
+        base = self._modules["base_layer"]
+        reason = lora_ops.fused_linear_decline(base, x)
+        if reason is not None or args or kwargs:
+            return super().forward_adapters(x, names, *args, **kwargs)
+        factors, drop = [], []
+        for n in names:
+            a, e, b = self.triplet(n)
+            factors.append((a * e * (self.scaling[n] / (self.ranknum[n] + _EPS)), b, 1.0))
+            d = self.lora_dropout[n]
+            drop.append(d.p if self.training and isinstance(d, nn.Dropout) else 0.0)
+        return lora_ops.lora_linear(x, base.weight, base.bias, factors, self.fan_in_fan_out, drop)
 
     def apply_adapter(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         a, e, b = self.triplet(adapter_name)

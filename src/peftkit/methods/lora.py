@@ -221,27 +221,26 @@ class Linear(LoraLayer):
     fast_path: str = ""
 
     def _set_path(self, path: str) -> None:
-        if path != self.fast_path and path.startswith("reference"):
+        if path == self.fast_path:  # (nn.Module.__setattr__ is slow enough to show in a step; skip no-op sets)
+            return
+        if path.startswith("reference"):
             logger.debug("%s: LoRA fused path declined (%s)", type(self).__name__, path)
         self.fast_path = path
 
     def _decline_reason(self, x: torch.Tensor, names: Sequence[str]) -> Optional[str]:
-        """Why the fused autograd node cannot serve this call (None if it can)."""
-        if isinstance(self.base_layer, AdapterLayer):
-            return "nested adapter layers"
-        w = self.get_base_layer().weight
-        if w.requires_grad:
-            return "the base weight is trainable"
-        if x.dtype != w.dtype or not x.is_floating_point():
-            return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
-        if torch.is_autocast_enabled(x.device.type):
-            return "autocast is enabled"
-        doras = [n for n in names if self.use_dora[n]]
-        if doras:
+        """Why the fused autograd node cannot serve this call (None if it can). Runs on every forward, so it
+        reads the module dicts directly instead of going through nn.Module attribute lookup."""
+        modules = self._modules
+        reason = lora_ops.fused_linear_decline(modules["base_layer"], x)
+        if reason is not None:
+            return reason
+        use_dora = self.use_dora
+        for n in names:
+            if not use_dora[n]:
+                continue
             if len(names) > 1:
                 return "DoRA combined with other active adapters"
-            n = doras[0]
-            if self.training and not isinstance(self.lora_dropout[n], nn.Identity):
+            if self.training and not isinstance(modules["lora_dropout"][n], nn.Identity):
                 return "DoRA with dropout"
             m = self.lora_magnitude_vector[n]
             if torch.is_grad_enabled() and m.requires_grad and bool((m == 0).any()):
@@ -264,7 +263,7 @@ class Linear(LoraLayer):
         if reason is not None:
             self._set_path(f"reference: {reason}")
             return super().forward_adapters(x, names, *args, **kwargs)
-        base = self.get_base_layer()
+        base = self._modules["base_layer"]  # not nested: _decline_reason checked
         if self.use_dora[names[0]]:
             n = names[0]
             self._set_path("fused-dora")
@@ -273,9 +272,14 @@ class Linear(LoraLayer):
                 self.lora_magnitude_vector[n], self.scaling[n], self.fan_in_fan_out,
             )
         self._set_path("fused-lora")
-        factors = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
-        drop = [self.lora_dropout[n].p if self.training and isinstance(self.lora_dropout[n], nn.Dropout) else 0.0
-                for n in names]
+        modules = self._modules
+        lora_a, lora_b, dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
+        training = self.training
+        factors, drop = [], []
+        for n in names:
+            factors.append((lora_a[n].weight, lora_b[n].weight, self.scaling[n]))
+            d = dropout[n]
+            drop.append(d.p if training and isinstance(d, nn.Dropout) else 0.0)
         return lora_ops.lora_linear(x, base.weight, base.bias, factors, self.fan_in_fan_out, drop)
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -227,24 +227,62 @@ def loha_linear_factored(x: torch.Tensor, w1_a, w1_b, w2_a, w2_b, scale: float) 
 
 
 # ------------------------------------------------------------------------------------------ LoKr forward paths
+class _KronBypassFn(torch.autograd.Function):
+    """Y_n = s * W1 X_n W2^T for each row n, X_n the row viewed as (c, d), W1 (a, c), W2 (b, d); output rows
+    (a * b). Saves only x and the factors: the (N, c, b) intermediate X W2^T is recomputed in backward (one
+    product of the same cost as a rank-b LoRA product) instead of being kept, so the node holds no
+    activation-sized tensor beyond the input that the base layer saves anyway.
+
+    Backward, with G_n (a, b) the output gradient and U_n = W1^T G_n (c, b):
+    dX_n = s U_n W2, dW1 = s sum_n G_n (X_n W2^T)^T, dW2 = s sum_n U_n^T X_n.
+    Only plain 2-d GEMMs over explicit reshapes: many tiny batched products are slow on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, scale):  # type: ignore[override]
+        dtype = x.dtype
+        w1c, w2c = w1.to(dtype), w2.to(dtype)
+        a, c = w1c.shape
+        b, d = w2c.shape
+        z = x.reshape(-1, d) @ w2c.t()  # (N*c, b)
+        n = z.shape[0] // c
+        zt = z.view(n, c, b).transpose(1, 2).reshape(n * b, c)  # (N*b, c)
+        y = (zt @ (w1c.t() * scale)).view(n, b, a).transpose(1, 2)  # (N, a, b)
+        ctx.save_for_backward(x, w1, w2)
+        ctx.scale = scale
+        return y.reshape(*x.shape[:-1], a * b)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w1, w2 = ctx.saved_tensors
+        s = ctx.scale
+        dtype = x.dtype
+        w1c, w2c = w1.to(dtype), w2.to(dtype)
+        a, c = w1c.shape
+        b, d = w2c.shape
+        x2 = x.reshape(-1, d)  # (N*c, d)
+        n = x2.shape[0] // c
+        g = grad.to(dtype).reshape(n, a, b)
+        gt = g.transpose(1, 2).reshape(n * b, a)  # rows (n, j): G_n[:, j]
+        v = gt @ w1c  # (N*b, c): rows are U_n^T
+        dx = dw1 = dw2 = None
+        if ctx.needs_input_grad[0]:
+            u = v.view(n, b, c).transpose(1, 2).reshape(n * c, b)  # (N*c, b): U_n stacked
+            dx = (u @ w2c).mul_(s).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            zt = (x2 @ w2c.t()).view(n, c, b).transpose(1, 2).reshape(n * b, c)  # recomputed X_n W2^T, transposed
+            dw1 = (g.permute(1, 0, 2).reshape(a, n * b) @ zt).mul_(s).to(w1.dtype)
+        if ctx.needs_input_grad[2]:
+            dw2 = (v.view(n, b, c).permute(1, 0, 2).reshape(b, n * c) @ x2).mul_(s).to(w2.dtype)
+        return dx, dw1, dw2, None
+
+
 def lokr_linear_bypass(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:
     """``x @ (s * kron(w1, w2))^T`` without building the Kronecker product.
 
     With x reshaped to X (N, c, d), the delta output is ``w1 @ X @ w2^T`` (N, a, b), flattened to (N, a * b).
-    Cost per row ``c*d*b + a*c*b`` multiply-adds instead of ``a*b*c*d``.
+    Cost per row ``c*d*b + a*c*b`` multiply-adds instead of ``a*b*c*d``; see :class:`_KronBypassFn`.
     """
-    dtype = x.dtype
-    a, c = w1.shape
-    b, d = w2.shape
-    lead = x.shape[:-1]
-    # Only plain 2-d GEMMs with explicit reshapes: many tiny batched (a x c) products are slow on CPU, and
-    # torch.matmul's broadcasting picks different kernels depending on requires_grad (results would differ by
-    # rounding between training and inference).
-    z = x.reshape(-1, d) @ w2.to(dtype).t()  # (N*c, b)
-    n = z.shape[0] // c
-    zt = z.reshape(n, c, b).transpose(1, 2).reshape(n * b, c)  # (N*b, c)
-    y = (zt @ (w1.to(dtype).t() * scale)).reshape(n, b, a).transpose(1, 2)  # (N, a, b)
-    return y.reshape(*lead, a * b)
+    return _KronBypassFn.apply(x, w1, w2, scale)
 
 
 def lokr_linear_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:

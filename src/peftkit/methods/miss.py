@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..config import PeftType, TargetedConfig
 from ..layer import AdapterLayer, innermost_base
 from ..registry import MethodSpec, register_method
+from . import lora_ops
 from .common import adapter_dtype, conv1d_cls
 from .lora import LORA
 
@@ -95,6 +96,72 @@ def bat_unmerge(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     inv = torch.linalg.inv(eye + block.float()).to(block.dtype)
     w = weight.reshape(out_f // r, r, in_f // r, r).permute(2, 0, 1, 3)
     return ((w - block) @ inv).permute(1, 2, 0, 3).reshape(out_f, in_f)
+
+
+def _tiled_add(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """W + tiled_delta(D): (out, in) plus D^T (out, r) repeated along in_features, as a fresh tensor; a broadcast
+    over the shards when r divides in_features (no (out, in) copy of D is built)."""
+    out_f, in_f = w.shape
+    r = d.shape[0]
+    if in_f % r == 0:
+        return (w.view(out_f, in_f // r, r) + d.t().unsqueeze(1)).view(out_f, in_f)
+    return w + tiled_delta(d, in_f)
+
+
+class _MissShardFn(torch.autograd.Function):
+    """y = x W^T + b + shard_sum(x) D for a frozen W and D (r, out), as one autograd node, in one of two ways:
+
+    - factored (r must divide in_features): y += h D with h = shard_sum(x); backward adds g D^T, broadcast over
+      the shards, into the base input gradient in place. Two rank-r products per step beyond the base ones.
+    - merged: y = x (W + tiled D^T)^T with W + tiled D^T built transiently (a broadcast add, rebuilt in backward
+      rather than saved). Only dD = h^T g remains as a rank-r product, so once tokens * r outgrows the weight
+      (training batches; r is 64 by default) this is the cheaper way.
+
+    Saves h (tokens, r), never the input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block, fan_in_fan_out, merged):  # type: ignore[override]
+        w = weight.t() if fan_in_fan_out else weight
+        out_f, in_f = w.shape
+        r = block.shape[0]
+        d = block if block.dtype == x.dtype else block.to(x.dtype)
+        h = shard_sum(x.reshape(-1, in_f), r)  # (tokens, r)
+        if merged:
+            y = F.linear(x, _tiled_add(w, d), bias)
+        else:
+            y = F.linear(x, w, bias)
+            (y if y.dim() == 2 else y.view(-1, out_f)).addmm_(h, d)
+        ctx.save_for_backward(weight, h, d)
+        ctx.fan_in_fan_out, ctx.x_shape, ctx.merged = fan_in_fan_out, x.shape, merged
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        weight, h, d = ctx.saved_tensors
+        w = weight.t() if ctx.fan_in_fan_out else weight
+        out_f, in_f = w.shape
+        r = d.shape[0]
+        need_x, _, need_bias, need_block = ctx.needs_input_grad[:4]
+        g = grad.to(h.dtype).reshape(-1, out_f)
+        dx = dd = dbias = None
+        if need_x:
+            if ctx.merged:
+                dx = torch.mm(g, _tiled_add(w, d))
+            else:
+                dx = torch.mm(g, w)
+                dx.view(-1, in_f // r, r).add_(torch.mm(g, d.t()).unsqueeze(1))
+            dx = dx.view(ctx.x_shape)
+        if need_block:
+            dd = torch.mm(h.t(), g)
+        if need_bias:
+            dbias = g.sum(0)
+        return dx, None, dbias, dd, None, None
+
+
+def miss_merged_is_cheaper(tokens: int, r: int, in_f: int) -> bool:
+    """Merged costs two broadcast adds over the (out, in) weight per step; factored two rank-r products over
+    the tokens, (tokens x r x out) multiply-adds each. Merged once tokens * r exceeds a few times in_features."""
+    return tokens * r > 4 * in_f
 
 
 class MissLinear(AdapterLayer):
@@ -202,7 +269,24 @@ class MissLinear(AdapterLayer):
         x_d = self.miss_dropout[adapter_name](x.to(block.dtype))
         return result + (shard_sum(x_d, block.shape[0]) @ block).to(result.dtype)
 
+    def _fused_ok(self, x: torch.Tensor, names: Sequence[str]) -> bool:
+        """Whether :class:`_MissShardFn` can serve this call: one shard adapter, no active dropout, and what every
+        fused linear node needs (frozen weight, matching dtype, no autocast)."""
+        if len(names) != 1:
+            return False
+        n = names[0]
+        if self.variant[n] == "bat":
+            return False
+        if self.training and not isinstance(self.miss_dropout[n], nn.Identity):
+            return False
+        return lora_ops.fused_linear_decline(self._modules["base_layer"], x) is None
+
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs and self._fused_ok(x, names):
+            base = self._modules["base_layer"]
+            r = self.miss_r[names[0]]
+            merged = self.in_features % r != 0 or miss_merged_is_cheaper(x.numel() // self.in_features, r, self.in_features)
+            return _MissShardFn.apply(x, base.weight, base.bias, self._full_block(names[0]), self.fan_in_fan_out, merged)
         if not any(self.variant[n] == "bat" for n in names) or isinstance(self.base_layer, AdapterLayer):
             return super().forward_adapters(x, names, *args, **kwargs)
         # Bat's update depends on the weight it is applied to, so with a bat adapter active the layer runs on the
