@@ -103,6 +103,9 @@ def env_vars(env: dict[str, str]):
                 os.environ[k] = v
 
 
+OPTIMIZER_KW: dict[str, Any] = {}
+
+
 class Runner:
     """One model under test: a training step (or a forward) plus its memory bookkeeping."""
 
@@ -112,7 +115,9 @@ class Runner:
         self.fwd_kwargs = fwd_kwargs or {}
         params = [p for p in model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
-        self.opt = torch.optim.AdamW(params, lr=1e-5) if (train and params) else None
+        # OPTIMIZER_KW: {} is torch's default AdamW (a Python loop over parameters on CPU, multi-tensor on GPU);
+        # --optimizer fused gives every runner the fused kernel instead
+        self.opt = torch.optim.AdamW(params, lr=1e-5, **OPTIMIZER_KW) if (train and params) else None
         self.times: list[float] = []
         self.wall: list[float] = []
         self.mem: list[float] = []
@@ -406,6 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--profile", default=None, help="profile one training step of this method (limit, ours, peft)")
     ap.add_argument("--profile-out", default=None, help="write the full profiler tables here")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs; default 1, timed by CPU time)")
+    ap.add_argument("--optimizer", choices=["default", "fused"], default="default",
+                    help="AdamW implementation for every runner: torch's default, or the fused kernel")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-infer", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -415,6 +422,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("--gpu given but torch sees no CUDA device; run without --gpu for the CPU shape.", file=sys.stderr)
         return 2
     s = shapes(args.gpu, args.vocab)
+    if args.optimizer == "fused":
+        OPTIMIZER_KW["fused"] = True
     if not args.gpu:
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (3 if args.gpu else 2)
