@@ -38,6 +38,7 @@ from ..tuner import AdapterModel, _get_parent
 from .common import adapter_dtype, conv1d_cls, pattern_value
 from .lora import LoraConfig, lora_scaling
 
+CACHE_KWARGS = ("cache", "past_key_values")  # the KV-cache argument, new and old transformers names
 GATE_NAME = "internal_xlora_classifier"  # Hugging Face PEFT's attribute name, kept for familiar state-dict keys
 
 
@@ -463,18 +464,19 @@ class XLoraModel(AdapterModel):
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             raise ValueError("X-LoRA needs input_ids or inputs_embeds to size its scalings.")
-        cache = kwargs.get("past_key_values")
+        # transformers >= 5.24 names the cache argument ``cache``; older releases ``past_key_values``.
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0 or kwargs.get("use_cache")):
             raise ValueError(
                 "X-LoRA recomputes its gate from the whole sequence at every step and cannot use a KV cache; call "
-                "generate(..., use_cache=False) (the default after get_peft_model) and pass no past_key_values."
+                "generate(..., use_cache=False) (the default after get_peft_model) and pass no cache / past_key_values."
             )
         b, s = ref.shape[:2]
         n_layers, n_experts = len(self._xlora_layers), len(self.expert_names)
         dummy = torch.full((b, s, n_layers, n_experts), float(config.scaling_pass_value), device=ref.device,
                            dtype=self.gate.layers[-1].weight.dtype)
         self._set_layer_scalings(effective_scalings(dummy, config))
-        pass_kwargs = {k: v for k, v in kwargs.items() if k not in ("labels", "past_key_values")}
+        pass_kwargs = {k: v for k, v in kwargs.items() if k != "labels" and k not in CACHE_KWARGS}
         pass_kwargs.update(output_hidden_states=True, return_dict=True, use_cache=False)
         with torch.no_grad():
             out = module.forward(*args, **pass_kwargs)  # .forward: the hooks do not run again
