@@ -80,7 +80,7 @@ def method_configs(name: str) -> tuple[Callable[[], Any], Callable[[], Any], dic
     import peft
 
     import peftkit
-    from peftkit.registry import get_method
+    from peftkit.engine.registry import get_method
 
     peft_type, kwargs, env = METHODS[name]
     ours_cls = get_method(peft_type).config_cls

@@ -46,7 +46,7 @@ class Case:
 def _perturb_default(model: torch.nn.Module) -> None:
     """Add noise to the adapter's own parameters (names with the method's prefix, e.g. ``lora_``)."""
     peft_type = next(iter(model.peft_config.values())).peft_type
-    prefix = peftkit.registry.get_method(str(getattr(peft_type, "value", peft_type))).prefix
+    prefix = peftkit.engine.registry.get_method(str(getattr(peft_type, "value", peft_type))).prefix
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -102,7 +102,7 @@ def contract_tests(cases: list[Case]) -> dict[str, Callable]:
         spec, base, model = build(case)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert trainable, "no trainable parameters"
-        prefix = peftkit.registry.get_method(model.peft_type).prefix
+        prefix = peftkit.engine.registry.get_method(model.peft_type).prefix
         for n in trainable:
             short = n[len("base_model.model."):]
             assert prefix in n or ".modules_to_save." in n or (short.endswith("bias") and model.peft_config["default"].bias != "none"), n
@@ -129,7 +129,7 @@ def contract_tests(cases: list[Case]) -> dict[str, Callable]:
         with model.disable_adapter():
             _close(_out(spec, model), base_out, 1e-5, "disabled adapter != base")
         merged_model = copy.deepcopy(model).merge_and_unload()
-        assert not any(isinstance(m, peftkit.layer.AdapterLayer) for m in merged_model.modules())
+        assert not any(isinstance(m, peftkit.engine.layer.AdapterLayer) for m in merged_model.modules())
         _close(_out(spec, merged_model), unmerged, max(case.atol, 1e-4), "merge_and_unload output")
 
     @mark

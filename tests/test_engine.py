@@ -15,7 +15,7 @@ from models import MODELS
 
 import peftkit
 from peftkit import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
-from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -227,7 +227,7 @@ def test_save_is_atomic_when_the_config_writer_fails(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError("I/O error")
 
-    monkeypatch.setattr(peftkit.io.os, "fsync", failing_fsync)
+    monkeypatch.setattr(peftkit.engine.io.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="I/O error"):
         model.save_pretrained(tmp_path)
     assert config_file.read_bytes() == old

@@ -87,7 +87,7 @@ def test_config_fields_and_all_linear_written_expanded(tmp_path):
     assert ref_cfg.task_type == "CAUSAL_LM" and ref_cfg.base_model_name_or_path == "some-org/tiny-llama"
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     assert type(theirs).__name__ == "PeftModelForCausalLM"
-    ours_ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, peftkit.layer.AdapterLayer)}
+    ours_ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, peftkit.engine.layer.AdapterLayer)}
     theirs_ranks = {n: m.r["default"] for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert ours_ranks == theirs_ranks
 
@@ -222,4 +222,4 @@ def test_peft_checkpoint_with_base_embedding_loads_silently_and_uses_it(tmp_path
     smaller.resize_token_embeddings(90)
     with pytest.raises(ValueError, match=r"embed_tokens\.base_layer\.weight.*\(96, 32\).*\(90, 32\).*resize_token_embeddings\(96\)"):
         PeftModel.from_pretrained(smaller, tmp_path)
-    assert not any(isinstance(m, peftkit.layer.AdapterLayer) for m in smaller.modules())
+    assert not any(isinstance(m, peftkit.engine.layer.AdapterLayer) for m in smaller.modules())

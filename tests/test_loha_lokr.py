@@ -11,8 +11,8 @@ from models import MODELS, ModelSpec
 
 import peftkit
 from peftkit import KronAConfig, LoHaConfig, LoKrConfig
-from peftkit.methods import lycoris_ops as ops
-from peftkit.methods.lokr import KRONA_RANK
+from peftkit.methods.lycoris import lycoris_ops as ops
+from peftkit.methods.lycoris.lokr import KRONA_RANK
 
 
 # A tiny 1-d conv net: nn.Conv1d is a layer type both methods support in PEFT, absent from the shared zoo.

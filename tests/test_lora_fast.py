@@ -18,8 +18,8 @@ from models import MODELS
 
 import peftkit
 from peftkit import LoraConfig, get_peft_model
-from peftkit.methods import lora_ops
-from peftkit.methods.lora import Linear as LoraLinear
+from peftkit.methods.lora import lora_ops
+from peftkit.methods.lora.lora import Linear as LoraLinear
 
 STRATEGIES = [False, True]  # merged=False: factored products; merged=True: transient W + sBA
 

@@ -14,7 +14,7 @@ from models import MODELS
 
 import peftkit
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.layer import AdapterLayer
+from peftkit.engine.layer import AdapterLayer
 
 peft = pytest.importorskip("peft")
 

@@ -10,7 +10,7 @@ from models import MODELS
 
 import peftkit
 from peftkit import MissConfig
-from peftkit.methods.miss import bat_delta, bat_unmerge, shard_sum, tiled_delta
+from peftkit.methods.lycoris.miss import bat_delta, bat_unmerge, shard_sum, tiled_delta
 
 
 def miss_case(id, model, ref=True, **kwargs):
@@ -105,7 +105,7 @@ def test_bat_divisibility_error_names_layer_and_sizes():
     with pytest.raises(ValueError, match=r"down_proj.*in_features=48, out_features=32 and r=5"):
         peftkit.get_peft_model(base, MissConfig(r=5, init_weights="bat", target_modules=["down_proj"]))
     # a failed injection leaves the model untouched
-    assert not any(isinstance(m, peftkit.layer.AdapterLayer) for m in base.modules())
+    assert not any(isinstance(m, peftkit.engine.layer.AdapterLayer) for m in base.modules())
 
 
 def test_mini_divisibility_and_rank_errors():
@@ -156,8 +156,8 @@ def test_mixed_variants_active_together_merge_equals_unmerged():
 def test_fused_shard_node_equals_plain_autograd(model_key, kwargs, merged, monkeypatch):
     """Single shard adapters (default and mini) run as one autograd node, factored or with the transient merged
     weight; its outputs and gradients (block, trainable bias, input gradient) equal the plain composition's."""
-    from peftkit.layer import AdapterLayer
-    from peftkit.methods import miss as miss_mod
+    from peftkit.engine.layer import AdapterLayer
+    from peftkit.methods.lycoris import miss as miss_mod
 
     monkeypatch.setattr(miss_mod, "miss_merged_is_cheaper", lambda *a: merged)
     fused_expected = True

@@ -13,9 +13,9 @@ from models import MODELS
 
 import peftkit
 from peftkit import BOFTConfig, HRAConfig, OFTConfig
-from peftkit.methods import orthogonal_ops as ops
-from peftkit.methods.hra import orthogonality_loss
-from peftkit.methods.oft import OFTLayer, OrthogonalLayer
+from peftkit.methods.orthogonal import orthogonal_ops as ops
+from peftkit.methods.orthogonal.hra import orthogonality_loss
+from peftkit.methods.orthogonal.oft import OFTLayer, OrthogonalLayer
 
 
 @pytest.fixture(autouse=True, scope="module")

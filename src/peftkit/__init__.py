@@ -3,18 +3,19 @@
 The API follows Hugging Face PEFT (same class and field names); checkpoints are interchangeable with it.
 """
 
-from .config import PeftConfig, PeftType, TaskType
-from .mapping import get_peft_model
-from .methods.adalora import AdaLoraCallback, AdaLoraConfig, AdaLoraModel, attach_to_optimizer
-from .methods.lora import LoraConfig, LoraModel
-from .methods.loha import LoHaConfig
-from .methods.lokr import KronAConfig, LoKrConfig
-from .methods.miss import MissConfig
-from .methods.xlora import XLoraConfig, XLoraModel
-from .methods.oft import OFTConfig
-from .methods.boft import BOFTConfig
-from .methods.hra import HRAConfig, HRAModel
-from .peft_model import (
+from peftkit import methods  # noqa: F401  (importing it registers every method)
+from peftkit.engine.config import PeftConfig, PeftType, TaskType
+from peftkit.engine.mapping import get_peft_model
+from peftkit.methods.lora.adalora import AdaLoraCallback, AdaLoraConfig, AdaLoraModel, attach_to_optimizer
+from peftkit.methods.lora.lora import LoraConfig, LoraModel
+from peftkit.methods.lycoris.loha import LoHaConfig
+from peftkit.methods.lycoris.lokr import KronAConfig, LoKrConfig
+from peftkit.methods.lycoris.miss import MissConfig
+from peftkit.methods.lora.xlora import XLoraConfig, XLoraModel
+from peftkit.methods.orthogonal.oft import OFTConfig
+from peftkit.methods.orthogonal.boft import BOFTConfig
+from peftkit.methods.orthogonal.hra import HRAConfig, HRAModel
+from peftkit.engine.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -23,8 +24,8 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from .registry import supported_methods
-from .save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.engine.registry import supported_methods
+from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from ..method_defaults import UsageError
+from peftkit.cli.method_defaults import UsageError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..method_defaults import PSEUDO_METHODS
-    from ..registry import get_method, supported_methods
-    from ..train import TrainArgs, run_train
+    from peftkit.cli.method_defaults import PSEUDO_METHODS
+    from peftkit.engine.registry import get_method, supported_methods
+    from peftkit.cli.train import TrainArgs, run_train
 
     if args.list_methods:
         for name in supported_methods():
@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..bench import BenchArgs, run_bench
+    from peftkit.cli.bench import BenchArgs, run_bench
 
     run_bench(BenchArgs(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
@@ -112,7 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoints import describe_checkpoint, format_description
+    from peftkit.cli.checkpoints import describe_checkpoint, format_description
 
     info = describe_checkpoint(args.path)
     print(json.dumps(info, indent=2) if args.json else format_description(info))
@@ -120,7 +120,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .checkpoints import merge_adapter_folder
+    from peftkit.cli.checkpoints import merge_adapter_folder
 
     out = merge_adapter_folder(args.base, args.adapter, args.out, dtype=args.dtype, safe_merge=not args.no_safe_merge)
     print(f"merged {args.adapter} into {args.base}; saved a plain transformers model to {out}")

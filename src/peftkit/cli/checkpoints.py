@@ -7,10 +7,10 @@ import os
 from collections import Counter
 from typing import Any, Optional
 
-from ..config import CONFIG_NAME
-from ..io import LEGACY_WEIGHTS_NAME, SAFETENSORS_NAME
-from ..method_defaults import UsageError
-from ..save_load import CHECKPOINT_PREFIX
+from peftkit.engine.config import CONFIG_NAME
+from peftkit.engine.io import LEGACY_WEIGHTS_NAME, SAFETENSORS_NAME
+from peftkit.cli.method_defaults import UsageError
+from peftkit.engine.save_load import CHECKPOINT_PREFIX
 
 # Config fields that describe a method's size, reported by inspect when present.
 RANK_FIELDS = ("r", "lora_alpha", "alpha", "init_r", "target_r", "rank_pattern", "alpha_pattern", "oft_block_size",
@@ -53,7 +53,7 @@ def _adapter_dirs(path: str) -> dict[str, str]:
 
 
 def _prefix_for(peft_type: str) -> Optional[str]:
-    from ..registry import get_method
+    from peftkit.engine.registry import get_method
 
     try:
         return get_method(peft_type).prefix
@@ -156,19 +156,19 @@ def load_base_for_adapter(base: str, adapter: str) -> tuple[Any, Optional[Any]]:
     tokenizer when the base has one."""
     import transformers
 
-    from ..config import PeftConfig
+    from peftkit.engine.config import PeftConfig
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     config = PeftConfig.from_pretrained(adapter)
     if base in ("default", "all-MiniLM-L6-v2"):
-        from ..train import default_model_path
+        from peftkit.cli.train import default_model_path
 
         base = default_model_path()
     auto = getattr(transformers, _TASK_TO_AUTO.get(str(config.task_type), "AutoModel"))
     kwargs: dict[str, Any] = {"local_files_only": os.path.isdir(base)}
     if str(config.task_type) in ("SEQ_CLS", "TOKEN_CLS"):
-        from ..io import resolve_weights_file
+        from peftkit.engine.io import resolve_weights_file
 
         shapes = _tensor_shapes(resolve_weights_file(adapter))
         for key, (shape, _) in shapes.items():
@@ -190,7 +190,7 @@ def merge_adapter_folder(base: str, adapter: str, out: str, dtype: Optional[str]
     """Load ``adapter`` onto ``base``, fold it into the weights and save a plain transformers folder at ``out``."""
     import torch
 
-    from ..peft_model import PeftModel
+    from peftkit.engine.peft_model import PeftModel
 
     _adapter_dirs(adapter)
     model, tokenizer = load_base_for_adapter(base, adapter)

@@ -1,9 +1,11 @@
 """Every method lives in one module here; importing this package registers them all."""
 
-from . import lora  # noqa: F401
-from . import loha  # noqa: F401
-from . import lokr  # noqa: F401
-from . import miss  # noqa: F401
-from . import oft, boft, hra  # noqa: F401,E401
-from . import adalora  # noqa: F401
-from . import xlora  # noqa: F401
+from peftkit.methods.lora import lora  # noqa: F401
+from peftkit.methods.lycoris import loha  # noqa: F401
+from peftkit.methods.lycoris import lokr  # noqa: F401
+from peftkit.methods.lycoris import miss  # noqa: F401
+from peftkit.methods.orthogonal import oft  # noqa: F401,E401
+from peftkit.methods.orthogonal import boft  # noqa: F401,E401
+from peftkit.methods.orthogonal import hra  # noqa: F401,E401
+from peftkit.methods.lora import adalora  # noqa: F401
+from peftkit.methods.lora import xlora  # noqa: F401

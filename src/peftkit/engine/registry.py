@@ -1,7 +1,8 @@
 """The method registry: one entry per method, mapping its ``peft_type`` to its config and layer factory.
 
 Adding a method means writing one module under ``peftkit/methods/`` that calls :func:`register_method`, and
-listing that module in ``peftkit/methods/__init__.py``.
+listing that module in ``peftkit/methods/__init__.py``. The engine never imports a method: ``import peftkit``
+imports ``peftkit.methods``, which fills the registry.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 if TYPE_CHECKING:
     import torch.nn as nn
 
-    from .config import PeftConfig
+    from peftkit.engine.config import PeftConfig
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class MethodSpec:
             modules that are not yet wrapped by this method.
         prefix: the common prefix of the method's parameter names (``"lora_"``), used to tell adapter parameters
             from base parameters.
-        model_cls: optional subclass of :class:`peftkit.tuner.AdapterModel` for methods with model-level logic
+        model_cls: optional subclass of :class:`peftkit.engine.tuner.AdapterModel` for methods with model-level logic
             (AdaLoRA's budget, X-LoRA's gate). Defaults to the plain engine.
         default_target_modules: per ``model_type`` defaults used when the config gives no ``target_modules``.
         supports_mixed_batch: whether ``adapter_names=`` (one adapter per row) is allowed.
@@ -55,8 +56,6 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 
 def get_method(peft_type: Union[str, Any]) -> MethodSpec:
-    from . import methods  # noqa: F401  (importing registers every method)
-
     key = str(getattr(peft_type, "value", peft_type)).upper()
     if key not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
@@ -71,6 +70,4 @@ def method_for_config(config: "PeftConfig") -> MethodSpec:
 
 
 def supported_methods() -> list[str]:
-    from . import methods  # noqa: F401
-
     return sorted(_REGISTRY)

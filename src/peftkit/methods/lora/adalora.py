@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer, innermost_base
-from ..registry import MethodSpec, register_method
-from ..tuner import AdapterModel
-from . import lora_ops
-from .adalora_budget import RankAllocator, Triplet, apply_rank_pattern, budget_schedule
-from .common import adapter_dtype, conv1d_cls
+from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.layer import AdapterLayer, innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.engine.tuner import AdapterModel
+from peftkit.methods.lora import lora_ops
+from peftkit.methods.lora.adalora_budget import RankAllocator, Triplet, apply_rank_pattern, budget_schedule
+from peftkit.methods.common import adapter_dtype, conv1d_cls
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .data import Batch, Batches, TextDataset, load_text_dataset, split_dataset
-from .io import atomic_write_text, save_tensors
-from .method_defaults import FULL, HEAD, UsageError, build_method_config, default_lr, resolve_method
+from peftkit.cli.data import Batch, Batches, TextDataset, load_text_dataset, split_dataset
+from peftkit.engine.io import atomic_write_text, save_tensors
+from peftkit.cli.method_defaults import FULL, HEAD, UsageError, build_method_config, default_lr, resolve_method
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -162,7 +162,7 @@ def prepare_model(method: str, model: nn.Module, options: Optional[list[str]] = 
         for p in head.parameters():
             p.requires_grad_(True)
         return model, None
-    from .mapping import get_peft_model
+    from peftkit.engine.mapping import get_peft_model
 
     config = build_method_config(method, model, options, total_steps)
     try:

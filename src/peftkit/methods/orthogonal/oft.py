@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PeftType, TargetedConfig
-from ..layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
-from ..registry import MethodSpec, register_method
-from . import orthogonal_ops as ops
-from .common import adapter_dtype
+from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.methods.orthogonal import orthogonal_ops as ops
+from peftkit.methods.common import adapter_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .config import PeftConfig
-from .peft_model import MODEL_TYPE_TO_PEFT_MODEL, PeftModel
+from peftkit.engine.config import PeftConfig
+from peftkit.engine.peft_model import MODEL_TYPE_TO_PEFT_MODEL, PeftModel
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> PeftModel:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from .io import atomic_write_text
+from peftkit.engine.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class PeftConfig:
             peft_type = data.get("peft_type")
             if peft_type is None:
                 raise ValueError("adapter_config.json has no 'peft_type'; cannot tell which method it describes.")
-            from .registry import get_method
+            from peftkit.engine.registry import get_method
 
             target_cls = get_method(peft_type).config_cls
         known = {f.name for f in dataclasses.fields(target_cls)}
@@ -156,7 +156,7 @@ class PeftConfig:
     def from_pretrained(
         cls, name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None, **hub_kwargs: Any
     ) -> "PeftConfig":
-        from .io import resolve_file
+        from peftkit.engine.io import resolve_file
 
         path = resolve_file(name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         return cls.from_json_file(path)

@@ -11,12 +11,12 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .config import PeftConfig, TaskType
-from .io import SAFETENSORS_NAME, load_tensors, resolve_weights_file, save_tensors
-from .layer import BASE_ADAPTER, mixed_batch
-from .registry import method_for_config
-from .save_load import get_adapter_state_dict, set_adapter_state_dict
-from .tuner import AdapterModel
+from peftkit.engine.config import PeftConfig, TaskType
+from peftkit.engine.io import SAFETENSORS_NAME, load_tensors, resolve_weights_file, save_tensors
+from peftkit.engine.layer import BASE_ADAPTER, mixed_batch
+from peftkit.engine.registry import method_for_config
+from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.engine.tuner import AdapterModel
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
@@ -84,7 +84,7 @@ class PeftModel(nn.Module):
     """A base model with named adapters. Forwards like the base model.
 
     Attributes:
-        base_model: the engine (:class:`~peftkit.tuner.AdapterModel`); ``base_model.model`` is the user's model.
+        base_model: the engine (:class:`~peftkit.engine.tuner.AdapterModel`); ``base_model.model`` is the user's model.
     """
 
     def __init__(

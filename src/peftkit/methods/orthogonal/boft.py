@@ -16,12 +16,12 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer, innermost_base
-from ..registry import MethodSpec, register_method
-from . import orthogonal_ops as ops
-from .common import adapter_dtype
-from .oft import DEFAULT_TARGETS, OrthogonalLayer, check_bias
+from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.layer import AdapterLayer, innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.methods.orthogonal import orthogonal_ops as ops
+from peftkit.methods.common import adapter_dtype
+from peftkit.methods.orthogonal.oft import DEFAULT_TARGETS, OrthogonalLayer, check_bias
 
 
 @dataclass

@@ -5,7 +5,7 @@ parameter counts of guideline 1 (trainable, changed, rank of the update), peak m
 and inference throughput (inference merged and unmerged where the method merges), checkpoint size, and the
 task score after the fixed budget (guidelines 2 and 3). Field names and units: BENCHMARKS.md.
 
-Isolation: by default each method runs in a fresh subprocess (``python -m peftkit.bench --worker``), so that on
+Isolation: by default each method runs in a fresh subprocess (``python -m peftkit.cli.bench --worker``), so that on
 CPU the peak resident set size (``ru_maxrss``) of one method cannot include another's allocations. ``--in-process``
 runs everything here (faster; CPU memory numbers are then marked as not isolated).
 """
@@ -29,10 +29,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .data import Batches, load_text_dataset, split_dataset
-from .method_defaults import FULL, HEAD, NEEDS_INPUT, UsageError, default_lr, parse_method_options, resolve_method
-from .registry import get_method, supported_methods
-from .train import (count_parameters, head_module, load_classifier, make_optimizer, predict, prepare_model,
+from peftkit.cli.data import Batches, load_text_dataset, split_dataset
+from peftkit.cli.method_defaults import FULL, HEAD, NEEDS_INPUT, UsageError, default_lr, parse_method_options, resolve_method
+from peftkit.engine.registry import get_method, supported_methods
+from peftkit.cli.train import (count_parameters, head_module, load_classifier, make_optimizer, predict, prepare_model,
                     resolve_device, save_trained, train_steps)
 
 SCHEMA = "peftkit-bench/1"
@@ -338,7 +338,7 @@ def _run(kind: str, job: Job, in_process: bool, rounds: int = 0) -> dict[str, An
         spec, res = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(spec, "w", encoding="utf-8") as fh:
             json.dump({"kind": kind, "job": asdict(job), "rounds": rounds}, fh)
-        proc = subprocess.run([sys.executable, "-m", "peftkit.bench", "--worker", spec, res],
+        proc = subprocess.run([sys.executable, "-m", "peftkit.cli.bench", "--worker", spec, res],
                               stdout=subprocess.PIPE, stderr=None, text=True)
         if proc.returncode != 0 or not os.path.isfile(res):
             tail = (proc.stdout or "").strip().splitlines()[-3:]
@@ -356,7 +356,7 @@ def default_methods() -> list[str]:
 def environment(device: torch.device, against: Optional[str]) -> dict[str, Any]:
     import transformers
 
-    from . import __version__
+    from peftkit import __version__
 
     env: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -516,4 +516,4 @@ def _worker(spec_path: str, result_path: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(_worker(sys.argv[2], sys.argv[3]))
-    sys.exit("usage: python -m peftkit.bench --worker JOB.json RESULT.json (use `peftkit bench` instead)")
+    sys.exit("usage: python -m peftkit.cli.bench --worker JOB.json RESULT.json (use `peftkit bench` instead)")

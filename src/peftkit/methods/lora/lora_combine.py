@@ -11,7 +11,7 @@ import torch
 def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str,
                          combination_type: str, svd_rank: Optional[int], svd_clamp: Optional[float],
                          svd_full_matrices: bool) -> None:
-    from .lora import Embedding, LoraLayer
+    from peftkit.methods.lora.lora import Embedding, LoraLayer
 
     if not adapters or len(adapters) != len(weights):
         raise ValueError("add_weighted_adapter needs one weight per adapter.")

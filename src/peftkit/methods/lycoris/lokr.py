@@ -2,7 +2,7 @@
 
 For a frozen weight W (out x in), adapter ``a`` adds ``delta = s * kron(w1, w2)`` with ``s = alpha / r``,
 w1 (a, c), w2 (b, d), ``out = a * b`` and ``in = c * d``. The split of each dimension comes from
-:func:`~peftkit.methods.lycoris_ops.factorization` (``decompose_factor``), exactly as Hugging Face PEFT chooses it.
+:func:`~peftkit.methods.lycoris.lycoris_ops.factorization` (``decompose_factor``), exactly as Hugging Face PEFT chooses it.
 Each factor is either stored in full (``lokr_w1``, ``lokr_w2``) or as a rank-r pair (``lokr_w1_a @ lokr_w1_b``,
 ``lokr_w2_a @ lokr_w2_b``): w2 is low-rank when ``r < max(b, d) / 2``, w1 only with ``decompose_both`` and
 ``r < max(a, c) / 2``. Convolutions put the kernel into w2 (full ``(b, d, k1, k2)``, flattened into the rank-r pair,
@@ -30,12 +30,12 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..config import PeftType
-from ..layer import innermost_base
-from ..registry import MethodSpec, register_method
-from . import lycoris_ops as ops
-from .loha import LycorisLayerBase, LycorisSharedConfig, _kaiming, is_supported_base
-from .lora import LORA
+from peftkit.engine.config import PeftType
+from peftkit.engine.layer import innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.methods.lycoris import lycoris_ops as ops
+from peftkit.methods.lycoris.loha import LycorisLayerBase, LycorisSharedConfig, _kaiming, is_supported_base
+from peftkit.methods.lora.lora import LORA
 
 # KronA's rank: any r >= max(b, d) / 2 makes both Kronecker factors full; this covers factors up to 131072.
 KRONA_RANK = 1 << 16

@@ -1,7 +1,7 @@
 """The engine: wraps targeted modules of a model, freezes the base, and manages the named adapters.
 
 :class:`AdapterModel` is method-agnostic. It asks the method's registry entry to create the layer for each
-targeted module and otherwise works only through the :class:`~peftkit.layer.AdapterLayer` interface.
+targeted module and otherwise works only through the :class:`~peftkit.engine.layer.AdapterLayer` interface.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .config import TargetedConfig
-from .layer import AdapterLayer, ModulesToSaveWrapper
-from .registry import MethodSpec, method_for_config
-from .targeting import ALL_LINEAR, expand_all_linear, find_targets
+from peftkit.engine.config import TargetedConfig
+from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.engine.registry import MethodSpec, method_for_config
+from peftkit.engine.targeting import ALL_LINEAR, expand_all_linear, find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def _check_adapter_name(name: str) -> None:
     """Adapter names become module keys and, on save, sub-folder names: keep them plain."""
-    from .layer import BASE_ADAPTER
+    from peftkit.engine.layer import BASE_ADAPTER
 
     if not isinstance(name, str) or not name or any(c in name for c in "./\\") or name == BASE_ADAPTER:
         raise ValueError(
@@ -41,7 +41,7 @@ def _check_adapter_name(name: str) -> None:
 
 class AdapterModel(nn.Module):
     """Holds the user's model as ``self.model`` (so state-dict keys read ``base_model.model.<path>`` inside a
-    :class:`~peftkit.peft_model.PeftModel`, as in Hugging Face PEFT) and the adapters injected into it."""
+    :class:`~peftkit.engine.peft_model.PeftModel`, as in Hugging Face PEFT) and the adapters injected into it."""
 
     def __init__(
         self, model: nn.Module, config: TargetedConfig, adapter_name: str = "default", loading: bool = False

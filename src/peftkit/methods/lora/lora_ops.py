@@ -340,7 +340,7 @@ def fused_linear_decline(base: nn.Module, x: torch.Tensor) -> Optional[str]:
     """Why the fused linear nodes here cannot run ``base`` (the module an adapter layer wraps) on ``x``; None
     if they can. They assume a frozen weight, an input already in the weight's dtype and no autocast (whose
     casting rules they would bypass). Shared by LoRA, AdaLoRA and MiSS."""
-    from ..layer import AdapterLayer
+    from peftkit.engine.layer import AdapterLayer
 
     if isinstance(base, AdapterLayer):
         return "nested adapter layers"

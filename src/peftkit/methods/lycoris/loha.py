@@ -28,12 +28,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer, innermost_base
-from ..registry import MethodSpec, register_method
-from . import lycoris_ops as ops
-from .common import adapter_dtype, pattern_value
-from .lora import LORA
+from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.layer import AdapterLayer, innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.methods.lycoris import lycoris_ops as ops
+from peftkit.methods.common import adapter_dtype, pattern_value
+from peftkit.methods.lora.lora import LORA
 
 
 @dataclass

@@ -52,7 +52,7 @@ def _in_modules_to_save(key: str, modules_to_save: Optional[Sequence[str]]) -> b
 
 def expand_all_linear(model: nn.Module, task_type: Optional[str] = None) -> list[str]:
     """Full names of every linear layer except the output head (the LM head, or a classifier head for SEQ_CLS)."""
-    from .layer import AdapterLayer
+    from peftkit.engine.layer import AdapterLayer
 
     names = []
     inner: set[str] = set()
@@ -85,7 +85,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
     target = config.target_modules
     exclude = config.exclude_modules
     keys = [name for name, _ in model.named_modules() if name]
-    from .layer import AdapterLayer, ModulesToSaveWrapper
+    from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
 
     # Never descend into the internals of adapter layers or modules_to_save copies.
     skip_prefixes = tuple(
@@ -112,7 +112,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
 
 
 def no_match_message(model: nn.Module, config) -> str:
-    from .layer import AdapterLayer, ModulesToSaveWrapper
+    from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
 
     target = config.target_modules
     # The model's own modules: not the internals of adapter layers (base_layer, lora_A.<adapter>, ...).

@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PeftType, TargetedConfig
-from ..layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
-from ..registry import MethodSpec, register_method
-from ..tuner import AdapterModel
-from . import lora_ops
-from .common import adapter_dtype, conv1d_cls, pattern_value
+from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.engine.tuner import AdapterModel
+from peftkit.methods.lora import lora_ops
+from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +463,7 @@ class LoraModel(AdapterModel):
         (needs equal ranks; each factor pair weighted by sqrt(w_i * scaling_i), as in PEFT); ``"svd"`` truncates the
         SVD of sum_i w_i delta_i to ``svd_rank`` (default: the largest rank).
         """
-        from .lora_combine import add_weighted_adapter
+        from peftkit.methods.lora.lora_combine import add_weighted_adapter
 
         add_weighted_adapter(self, list(adapters), list(weights), adapter_name, combination_type, svd_rank, svd_clamp,
                              svd_full_matrices)

@@ -28,15 +28,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PeftConfig, PeftType
-from ..io import load_tensors, resolve_weights_file
-from ..layer import AdapterLayer
-from ..registry import MethodSpec, register_method
-from ..save_load import CHECKPOINT_PREFIX
-from ..targeting import ALL_LINEAR, expand_all_linear, find_targets
-from ..tuner import AdapterModel, _get_parent
-from .common import adapter_dtype, conv1d_cls, pattern_value
-from .lora import LoraConfig, lora_scaling
+from peftkit.engine.config import PeftConfig, PeftType
+from peftkit.engine.io import load_tensors, resolve_weights_file
+from peftkit.engine.layer import AdapterLayer
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.engine.save_load import CHECKPOINT_PREFIX
+from peftkit.engine.targeting import ALL_LINEAR, expand_all_linear, find_targets
+from peftkit.engine.tuner import AdapterModel, _get_parent
+from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
+from peftkit.methods.lora.lora import LoraConfig, lora_scaling
 
 CACHE_KWARGS = ("cache", "past_key_values")  # the KV-cache argument, new and old transformers names
 GATE_NAME = "internal_xlora_classifier"  # Hugging Face PEFT's attribute name, kept for familiar state-dict keys

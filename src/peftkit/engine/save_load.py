@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
 
 if TYPE_CHECKING:
-    from .tuner import AdapterModel
+    from peftkit.engine.tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PeftType, TargetedConfig
-from ..layer import AdapterLayer, innermost_base
-from ..registry import MethodSpec, register_method
-from . import lora_ops
-from .common import adapter_dtype, conv1d_cls
-from .lora import LORA
+from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.layer import AdapterLayer, innermost_base
+from peftkit.engine.registry import MethodSpec, register_method
+from peftkit.methods.lora import lora_ops
+from peftkit.methods.common import adapter_dtype, conv1d_cls
+from peftkit.methods.lora.lora import LORA
 
 _BIAS_CHOICES = ("none", "all", "MiSS_only")
 _INIT_CHOICES = (True, False, "bat", "mini")

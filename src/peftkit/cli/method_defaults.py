@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch.nn as nn
 
-from .config import PeftConfig, TaskType
-from .registry import get_method, supported_methods
+from peftkit.engine.config import PeftConfig, TaskType
+from peftkit.engine.registry import get_method, supported_methods
 
 FULL = "full"
 HEAD = "head"

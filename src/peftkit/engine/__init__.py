@@ -1,0 +1,1 @@
+"""The method-agnostic engine: configs, the registry, hosting mechanisms, named adapters, targeting, save/load, io."""

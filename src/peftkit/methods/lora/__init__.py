@@ -1,0 +1,1 @@
+"""LoRA and the methods built on its layers: AdaLoRA, X-LoRA."""

@@ -1,0 +1,1 @@
+"""The LyCORIS-style low-rank family: LoHa, LoKr/KronA, MiSS."""

@@ -1,0 +1,1 @@
+"""The orthogonal family: OFT, BOFT, HRA."""
