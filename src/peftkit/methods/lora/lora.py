@@ -21,6 +21,7 @@ from peftkit.engine.config import PeftType, TargetedConfig
 from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
+from peftkit.kernels import kernels_enabled
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
 
@@ -290,11 +291,16 @@ class Linear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if not names:
             return result
-        self._set_path("stacked-mixed")
         # a fixed order (the layer's own) keeps the stacked cache valid across calls with different batches
         order = [n for n in self.adapter_configs if n in self.lora_A]
         stack = lora_ops.stacked_factors(self, order, x.dtype)
         index = batch.index_tensor(order, x.device)
+        if not (torch.is_grad_enabled() and (x.requires_grad or stack[0].requires_grad)) and kernels_enabled(x.device):
+            self._set_path("triton-mixed")  # serving: gather-and-multiply kernels, factors read in place
+            from peftkit.kernels.lora_mixed import mixed_lora_add_triton
+
+            return mixed_lora_add_triton(result, x, stack, index)
+        self._set_path("stacked-mixed")
         return lora_ops.mixed_lora_add(result, x, stack, index)
 
 
