@@ -56,7 +56,9 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
 def shapes(gpu: bool, vocab: Optional[int]) -> dict[str, Any]:
     if gpu:
         return dict(hidden=2048, layers=16, mlp=5632, heads=32, kv=8, vocab=vocab or 32000, batch=8, seq=1024,
-                    dtype=torch.bfloat16, device="cuda", mixed=[(8, 8, 1024), (64, 64, 256)])
+                    dtype=torch.bfloat16, device="cuda",
+                    # mixed-adapter serving (issue 16): prefill 64 x 256 and decode-shaped calls (one token per row)
+                    mixed=[(8, 64, 256), (32, 64, 256), (64, 64, 256), (8, 64, 1), (32, 64, 1), (64, 64, 1)])
     # CPU: a 1024-token vocabulary, so that the LM head (which no method touches) does not dominate the step
     return dict(hidden=256, layers=4, mlp=688, heads=4, kv=4, vocab=vocab or 1024, batch=4, seq=128,
                 dtype=torch.float32, device="cpu", mixed=[(8, 8, 64), (64, 64, 16)])
@@ -352,7 +354,8 @@ def _infer_one(base, s, label, n, b, t, warmup, steps, cuda) -> dict[str, Any]:
 def bench_inference(base, s, warmup, steps, log) -> list[dict[str, Any]]:
     cuda = s["device"] == "cuda"
     rows = []
-    cases = [("lora-unmerged", 1, s["batch"], s["seq"])] + [(f"mixed-{n}", n, b, t) for n, b, t in s["mixed"]]
+    cases = [("lora-unmerged", 1, s["batch"], s["seq"])] + [
+        (f"mixed-{n}" + ("-decode" if t == 1 else ""), n, b, t) for n, b, t in s["mixed"]]
     for label, n, b, t in cases:
         row = _infer_one(base, s, label, n, b, t, warmup, steps, cuda)
         rows.append(row)

@@ -120,3 +120,84 @@ def test_lora_layer_uses_kernel_for_mixed_batches(monkeypatch):
     paths = {m.fast_path for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "fast_path")}
     assert paths == {"stacked-mixed"}, paths
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- fused LoRA linear forward
+from peftkit.kernels.lora_fused import lora_linear_forward  # noqa: E402
+
+
+@pytest.mark.parametrize("m,k,n,r,bias", [(1, 16, 16, 1, True), (37, 70, 129, 17, False), (64, 64, 64, 64, True),
+                                          (130, 33, 65, 8, True)])
+def test_fused_forward_matches_reference(m, k, n, r, bias):
+    gen = torch.Generator().manual_seed(m + k + n + r)
+    x = torch.randn(m, k, generator=gen).to(DEVICE)
+    w = torch.randn(n, k, generator=gen).to(DEVICE)
+    bb = torch.randn(n, generator=gen).to(DEVICE) if bias else None
+    a = torch.randn(r, k, generator=gen).to(DEVICE)
+    b = torch.randn(n, r, generator=gen).to(DEVICE)
+    h = x @ a.t()
+    want = torch.nn.functional.linear(x, w, bb) + 0.5 * h @ b.t()
+    got = lora_linear_forward(x, w, bb, h, b, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_forward_half_and_transposed_weight():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 48, generator=gen).to(DEVICE, torch.float16)
+    w = torch.randn(48, 40, generator=gen).to(DEVICE, torch.float16).t()  # fan_in_fan_out layout: strided view
+    a = torch.randn(8, 48, generator=gen).to(DEVICE, torch.float16)
+    b = torch.randn(40, 8, generator=gen).to(DEVICE, torch.float16)
+    h = x @ a.t()
+    want = x.float() @ w.float().t() + 2.0 * h.float() @ b.float().t()
+    got = lora_linear_forward(x, w, None, h, b, 2.0)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_triton_node_outputs_and_gradients(monkeypatch, fan_in_fan_out):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 24, generator=gen).to(DEVICE)
+    w = torch.randn(24, 31, generator=gen) if fan_in_fan_out else torch.randn(31, 24, generator=gen)
+    w, bias = w.to(DEVICE), torch.randn(31, generator=gen).to(DEVICE)
+    a = torch.randn(4, 24, generator=gen).to(DEVICE)
+    b = torch.randn(31, 4, generator=gen).to(DEVICE)
+
+    def run(path):
+        leaves = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+        xx, bb, aa, bbb = leaves
+        if path == "triton":
+            monkeypatch.setenv("PEFTKIT_LORA_PATH", "triton")
+            monkeypatch.setenv("PEFTKIT_TRITON_CPU", "1")
+            assert lora_ops.triton_linear_enabled(xx)
+        else:
+            monkeypatch.delenv("PEFTKIT_LORA_PATH", raising=False)
+        y = lora_ops.lora_linear(xx, w, bb, [(aa, bbb, 0.75)], fan_in_fan_out)
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        return y.detach(), [t.grad for t in leaves]
+
+    y_ref, g_ref = run("factored")
+    y_tri, g_tri = run("triton")
+    torch.testing.assert_close(y_tri, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g_tri, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_layer_takes_triton_path_when_asked(monkeypatch):
+    from models import MODELS
+
+    import peftkit
+    from peftkit import LoraConfig
+
+    spec = MODELS["llama"]
+    torch.manual_seed(0)
+    model = peftkit.get_peft_model(spec.build(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False)).to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in spec.inputs(2).items()}
+    want = model(**inputs).logits
+    monkeypatch.setenv("PEFTKIT_LORA_PATH", "triton")
+    monkeypatch.setenv("PEFTKIT_TRITON_CPU", "1")
+    got = model(**inputs).logits
+    paths = {m.fast_path for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "fast_path")}
+    assert paths == {"triton-lora"}, paths
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

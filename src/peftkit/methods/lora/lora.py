@@ -272,7 +272,6 @@ class Linear(LoraLayer):
                 x, base.weight, base.bias, self._w_sq(), self.lora_A[n].weight, self.lora_B[n].weight,
                 self.lora_magnitude_vector[n], self.scaling[n], self.fan_in_fan_out,
             )
-        self._set_path("fused-lora")
         modules = self._modules
         lora_a, lora_b, dropout = modules["lora_A"], modules["lora_B"], modules["lora_dropout"]
         training = self.training
@@ -281,6 +280,8 @@ class Linear(LoraLayer):
             factors.append((lora_a[n].weight, lora_b[n].weight, self.scaling[n]))
             d = dropout[n]
             drop.append(d.p if training and isinstance(d, nn.Dropout) else 0.0)
+        one = len(factors) == 1 and not drop[0]
+        self._set_path("triton-lora" if one and lora_ops.triton_linear_enabled(x) else "fused-lora")
         return lora_ops.lora_linear(x, base.weight, base.bias, factors, self.fan_in_fan_out, drop)
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peftkit.kernels import kernels_enabled
+
 
 def init_factors(a: torch.Tensor, b: torch.Tensor, init, r: int) -> None:
     """In-place init of A and B. ``True``: Kaiming-uniform A, zero B; ``"gaussian"``: normal(0, 1/r) A, zero B;
@@ -183,8 +185,10 @@ def choose_merged(tokens: int, in_f: int, out_f: int, backward: bool = True) -> 
         return True
     if mode == "factored":
         return False
+    if mode == "triton":  # the Triton node serves one adapter without dropout; anything else stays factored
+        return False
     if mode != "auto":
-        raise ValueError(f"{_PATH_ENV}={mode!r}: use 'factored', 'merged' or 'auto'.")
+        raise ValueError(f"{_PATH_ENV}={mode!r}: use 'factored', 'merged', 'auto' or 'triton'.")
     if backward:
         return tokens * (3 * in_f + 2 * out_f) > 4 * in_f * out_f
     return tokens * (in_f + 2 * out_f) > 2 * in_f * out_f
@@ -336,6 +340,32 @@ class _LoraOneFn(torch.autograd.Function):
         return dx, None, dbias, da, db, None, None
 
 
+def triton_linear_enabled(x: torch.Tensor) -> bool:
+    """Whether the one-adapter node runs its forward as the Triton kernel: asked for (PEFTKIT_LORA_PATH=triton)
+    and a kernel can run on ``x``'s device (see :func:`peftkit.kernels.kernels_enabled`)."""
+    return os.environ.get(_PATH_ENV) == "triton" and kernels_enabled(x.device)
+
+
+class _TritonLoraOneFn(_LoraOneFn):
+    """:class:`_LoraOneFn` with its forward as one Triton kernel (the rank-r update added in the base product's
+    epilogue, :mod:`peftkit.kernels.lora_fused`); same saved tensors, same backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling, fan_in_fan_out):  # type: ignore[override]
+        from peftkit.kernels.lora_fused import lora_linear_forward
+
+        w = weight.t() if fan_in_fan_out else weight
+        out_f, in_f = w.shape
+        if a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+        h = torch.mm(x2, a.t())  # (tokens, r), kept for backward
+        y = lora_linear_forward(x2, w, bias, h, b, scaling)
+        ctx.save_for_backward(x, weight, h, a, b)
+        ctx.scaling, ctx.fan_in_fan_out = scaling, fan_in_fan_out
+        return y.view(*x.shape[:-1], out_f)
+
+
 def fused_linear_decline(base: nn.Module, x: torch.Tensor) -> Optional[str]:
     """Why the fused linear nodes here cannot run ``base`` (the module an adapter layer wraps) on ``x``; None
     if they can. They assume a frozen weight, an input already in the weight's dtype and no autocast (whose
@@ -366,9 +396,13 @@ def lora_linear(
     """Fused base linear + LoRA adapters. ``factors``: (A (r, in), B (out, r), scaling) per adapter; ``weight``
     (out, in), or (in, out) with ``fan_in_fan_out``, must not require grad. ``dropout_p[i] > 0`` applies inverted
     dropout to adapter i's input (the keep-mask is drawn here). ``merged=None`` picks the cheaper strategy."""
-    if len(factors) == 1 and not merged and (dropout_p is None or not dropout_p[0]) and _default_factored(merged):
-        a, b, s = factors[0]  # the common case, with as little Python as possible
-        return _LoraOneFn.apply(x, weight, bias, a, b, s, fan_in_fan_out)
+    if len(factors) == 1 and not merged and (dropout_p is None or not dropout_p[0]):
+        if _default_factored(merged):
+            a, b, s = factors[0]  # the common case, with as little Python as possible
+            return _LoraOneFn.apply(x, weight, bias, a, b, s, fan_in_fan_out)
+        if triton_linear_enabled(x):
+            a, b, s = factors[0]
+            return _TritonLoraOneFn.apply(x, weight, bias, a, b, s, fan_in_fan_out)
     in_f = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     ps = list(dropout_p) if dropout_p is not None else [0.0] * len(factors)
