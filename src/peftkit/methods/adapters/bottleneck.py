@@ -487,5 +487,16 @@ def config_from_string(text: str) -> BnConfig:
     return cls(**kwargs)
 
 
+def register_preset(name: str, config_cls: type) -> MethodSpec:
+    """A CLI / bench name (``--method seq_bn``) for a preset config; configs still say peft_type BOTTLENECK, so
+    adapters of different presets live side by side in one model."""
+    import dataclasses
+
+    return register_method(dataclasses.replace(BOTTLENECK, peft_type=name, config_cls=config_cls))
+
+
+for _name, _cls in (("SEQ_BN", SeqBnConfig), ("DOUBLE_SEQ_BN", DoubleSeqBnConfig), ("PAR_BN", ParBnConfig)):
+    register_preset(_name, _cls)
+
 register_config_strings(["seq_bn", "pfeiffer", "double_seq_bn", "houlsby", "par_bn", "parallel", "compacter",
                          "compacter++"], config_from_string)

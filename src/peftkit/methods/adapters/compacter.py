@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from peftkit.methods.adapters.bottleneck import DoubleSeqBnConfig, SeqBnConfig
+from peftkit.methods.adapters.bottleneck import DoubleSeqBnConfig, SeqBnConfig, register_preset
 
 
 @dataclass
@@ -114,3 +114,7 @@ class PHMLinear(nn.Module):
         h = self.matrix().to(x.dtype)
         y = x @ h
         return y + self.b if self.b is not None else y
+
+
+register_preset("COMPACTER", CompacterConfig)
+register_preset("COMPACTER++", CompacterPlusPlusConfig)
