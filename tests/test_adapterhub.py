@@ -138,3 +138,32 @@ def test_export_round_trip(folder, tmp_path):
     with torch.no_grad():
         assert (back(**inputs).last_hidden_state - expected).abs().max() <= 1e-5
     assert torch.load(tmp_path / "pytorch_adapter.bin", weights_only=True).keys() == ours.keys()
+
+
+def test_import_onto_a_head_model_and_export_with_its_prefix(tmp_path):
+    """A bare-model AdapterHub adapter loads onto BertForSequenceClassification (keys gain the bert. prefix)."""
+    import transformers
+
+    inputs, expected = reference("bert-double_seq_bn")
+    head = transformers.BertForSequenceClassification.from_pretrained(os.path.join(HERE, "base-bert")).eval()
+    model = peftkit.PeftModel.from_pretrained(head, os.path.join(HERE, "bert-double_seq_bn"))
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    assert (out - expected).abs().max() <= 1e-5
+    model.save_pretrained(tmp_path, format="adapterhub")
+    keys = load_file(tmp_path / "adapter.safetensors").keys()
+    assert all(k.startswith("bert.encoder.layer.") for k in keys)
+    back = peftkit.PeftModel.from_pretrained(base_model("bert"), tmp_path)  # the prefix is stripped again
+    with torch.no_grad():
+        assert (back(**inputs).last_hidden_state - expected).abs().max() <= 1e-5
+
+
+def test_missing_shared_rule_is_reported(tmp_path):
+    """AdapterHub drops Compacter's shared rule when saving from a bare model; we say so instead of guessing."""
+    import shutil
+
+    shutil.copytree(os.path.join(HERE, "bert-compacter"), tmp_path / "c")
+    sd = torch.load(tmp_path / "c" / "pytorch_adapter.bin", weights_only=True)
+    torch.save({k: v for k, v in sd.items() if "shared_parameters" not in k}, tmp_path / "c" / "pytorch_adapter.bin")
+    with pytest.raises(ValueError, match="shared rule"):
+        peftkit.PeftModel.from_pretrained(base_model("bert"), tmp_path / "c")
