@@ -106,8 +106,13 @@ def test_config_validation_names_the_field():
         SeqBnConfig(init_weights="xavier")
     with pytest.raises(ValueError, match="original_ln_after"):
         SeqBnConfig(original_ln_after=False)
+    base = MODELS["bert"].build()
     with pytest.raises(ValueError, match="divisible by phm_dim"):
-        peftkit.get_peft_model(MODELS["bert"].build(), CompacterConfig())  # hidden 32 / 32 = 1
+        peftkit.get_peft_model(base, CompacterConfig())  # hidden 32 / 32 = 1
+    # the failed injection left the model as it was: no wrapper, no hook, nothing frozen
+    assert not any(isinstance(m, SublayerAdapterLayer) for m in base.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())
 
 
 # ------------------------------------------------------------------------------------------------------ init
@@ -125,6 +130,22 @@ def test_init_identity_where_the_init_is_one():
     assert d_bert > d_houlsby  # the default "bert" init (AdapterHub's) is not the identity, kept for parity
     compacter = peftkit.get_peft_model(copy.deepcopy(base), CompacterConfig(reduction_factor=8)).eval()
     assert (_out(spec, compacter) - ref).abs().max() < 1e-4  # shared rule N(0, 1e-4)
+
+
+def test_half_precision_base_keeps_float32_adapters():
+    spec = MODELS["bert"]
+    base = spec.build()
+    _ = torch.manual_seed(3)
+    ref = peftkit.get_peft_model(copy.deepcopy(base), SeqBnConfig()).eval()
+    half = copy.deepcopy(ref).to(torch.bfloat16)
+    for n, p in half.named_parameters():
+        if "adapters_" in n:
+            p.data = p.data.float()
+    out16 = _out(spec, half)
+    assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
+    torch.testing.assert_close(out16.float(), _out(spec, ref), atol=0.1, rtol=0.05)
+    fresh = peftkit.get_peft_model(copy.deepcopy(base).to(torch.bfloat16), SeqBnConfig())
+    assert {p.dtype for n, p in fresh.named_parameters() if "adapters_" in n} == {torch.float32}
 
 
 # ------------------------------------------------------------------------------------- named adapters, batches

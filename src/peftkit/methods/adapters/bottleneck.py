@@ -32,6 +32,7 @@ from peftkit.engine.registry import MethodSpec, register_config_strings, registe
 from peftkit.engine.sublayer import (CROSS_ADAPTER, MH_ADAPTER, OUTPUT_ADAPTER, BlockPlacement,
                                      SublayerAdapterLayer, find_blocks, placements_for)
 from peftkit.engine.tuner import AdapterModel
+from peftkit.methods.common import adapter_dtype
 
 PREFIX = "adapters_"
 SLOTS = {MH_ADAPTER: "adapters_mh", CROSS_ADAPTER: "adapters_cross", OUTPUT_ADAPTER: "adapters_output"}
@@ -315,15 +316,23 @@ class BottleneckLayer(SublayerAdapterLayer):
                 continue
             module = Bottleneck(hidden, config.bottleneck_size(hidden, layer_idx), config,
                                 getattr(config, "_shared", None))
-            if ref is not None:
-                module.to(device=ref.device)
+            if ref is not None:  # float32 adapters on a half-precision base (stable optimiser state), as PEFT does
+                module.to(device=ref.device, dtype=adapter_dtype(ref) if ref.is_floating_point() else None)
             getattr(self, SLOTS[loc])[adapter_name] = module
 
     def apply_sublayer(self, adapter_name: str, location: str, h: torch.Tensor, x: Optional[torch.Tensor],
                        layer_norm: Optional[nn.Module]) -> torch.Tensor:
         module = getattr(self, SLOTS[location])[adapter_name]
         dtype = h.dtype
-        return module(h, x, layer_norm).to(dtype)
+        compute = next(module.parameters()).dtype
+        if dtype == compute:
+            return module(h, x, layer_norm)
+        # a half-precision base with float32 adapters: the adapter math in float32, the result in the base's dtype
+        ln = None
+        if layer_norm is not None:
+            ln_dtype = next(layer_norm.parameters(), h).dtype
+            ln = lambda t: layer_norm(t.to(ln_dtype)).to(compute)  # noqa: E731
+        return module(h.to(compute), None if x is None else x.to(compute), ln).to(dtype)
 
 
 def create_bottleneck_layer(target: nn.Module, adapter_name: str, config: BnConfig, module_name: str = "",
@@ -332,7 +341,11 @@ def create_bottleneck_layer(target: nn.Module, adapter_name: str, config: BnConf
     if placement is None:
         return None
     layer = BottleneckLayer(target, placement)
-    layer.update_layer(adapter_name, config, module_name=module_name)
+    try:
+        layer.update_layer(adapter_name, config, module_name=module_name)
+    except Exception:
+        layer.on_unwrap()  # the layer is never installed: take its hooks off the base modules again
+        raise
     return layer
 
 
