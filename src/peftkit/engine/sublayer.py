@@ -189,6 +189,7 @@ class SublayerAdapterLayer(AdapterLayer):
         self._x: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._sublayer_cache: dict[str, Placement] = {}
+        self._ln_refs: dict[str, tuple[Optional[nn.Module]]] = {}
         for sub in placement.sublayers:
             self._resolve(base_layer, sub)  # fail early, naming the missing module
         for sub in placement.sublayers:
@@ -230,6 +231,8 @@ class SublayerAdapterLayer(AdapterLayer):
         self._handles.append(x_mod.register_forward_pre_hook(record_x, with_kwargs=True))
         self._handles.append(h_mod.register_forward_hook(replace_h))
         self._sublayer_cache[loc] = sub
+        # a plain reference (a tuple, not a submodule: the LayerNorm stays the block's own parameter)
+        self._ln_refs[loc] = (block.get_submodule(sub.layer_norm) if sub.layer_norm else None,)
 
     def on_unwrap(self) -> None:
         """Remove the hooks (called by the engine when this wrapper is taken out of the model)."""
@@ -239,8 +242,7 @@ class SublayerAdapterLayer(AdapterLayer):
         self._x.clear()
 
     def layer_norm(self, location: str) -> Optional[nn.Module]:
-        path = self._sublayer_cache[location].layer_norm
-        return self.base_layer.get_submodule(path) if path else None
+        return self._ln_refs[location][0]
 
     def _names_at(self, location: str) -> list[str]:
         slot = getattr(self, self.slot_for(location))
