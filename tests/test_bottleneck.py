@@ -257,3 +257,21 @@ def test_unknown_architecture_needs_named_modules():
     with pytest.raises(ValueError, match="has no module 'nope'"):
         peftkit.get_peft_model(Tiny(), ParBnConfig(hidden_size=16, block_pattern=r"blocks\.\d+",
                                                    sublayer_modules={"output_adapter": {"h_module": "nope", "x_module": "norm2"}}))
+
+
+def test_qwen2_uses_the_pre_ln_placement():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+    model = peftkit.get_peft_model(copy.deepcopy(base), "double_seq_bn").eval()
+    layers = [m for m in model.modules() if isinstance(m, SublayerAdapterLayer)]
+    assert len(layers) == 2 and all(len(m.adapters_mh) == len(m.adapters_output) == 1 for m in layers)
+    par = peftkit.get_peft_model(copy.deepcopy(base), "par_bn").eval()
+    with torch.no_grad():
+        assert torch.equal(par(input_ids=ids).logits, ref)
+        assert (model(input_ids=ids).logits - ref).abs().max() > 1e-4
