@@ -233,6 +233,7 @@ class Bottleneck(nn.Module):
         if config.ln_after:
             self.adapter_norm_after = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(config.dropout)
+        self._plain = config.dropout == 0 and not isinstance(config.scaling, str) and float(config.scaling) == 1.0
         self._init(config)
 
     @torch.no_grad()
@@ -261,7 +262,10 @@ class Bottleneck(nn.Module):
 
     def adapter(self, z: torch.Tensor) -> torch.Tensor:
         """A(z) without residual: dropout(up(act(down(z))) * scaling)."""
-        return self.dropout(self.scale(self.adapter_up(self.adapter_down(z))))
+        up = self.adapter_up(self.adapter_down(z))
+        if self._plain:  # scaling 1 and no dropout: skip two no-op kernels
+            return up
+        return self.dropout(self.scale(up))
 
     def forward(self, h: torch.Tensor, x: Optional[torch.Tensor], layer_norm: Optional[nn.Module]) -> torch.Tensor:
         """``h'`` for sub-layer output ``h``, residual input ``x`` and the sub-layer's LayerNorm (or None)."""
