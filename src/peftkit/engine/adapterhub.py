@@ -75,7 +75,6 @@ def weights_file(path: Union[str, os.PathLike]) -> str:
 
 def config_from_adapterhub(cfg: dict[str, Any]):
     """peftkit's BnConfig for AdapterHub's ``config`` dict; other AdapterHub methods are refused by name."""
-    from peftkit.engine.config import PeftConfig  # noqa: F401  (the registry is filled by peftkit.methods)
     from peftkit.engine.registry import get_method
 
     arch = cfg.get("architecture")

@@ -18,7 +18,6 @@ projections).
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass, field
