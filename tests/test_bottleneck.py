@@ -275,3 +275,21 @@ def test_qwen2_uses_the_pre_ln_placement():
     with torch.no_grad():
         assert torch.equal(par(input_ids=ids).logits, ref)
         assert (model(input_ids=ids).logits - ref).abs().max() > 1e-4
+
+
+def test_mixed_batch_generate_t5_with_beams():
+    spec = MODELS["t5"]
+    model = peftkit.get_peft_model(spec.build(), "double_seq_bn").eval()
+    model.add_adapter("other", "par_bn[reduction_factor=4]")
+    _noise(model, "default", 3, 0.5)
+    _noise(model, "other", 4, 0.5)
+    ids = spec.inputs(2)["input_ids"]
+    kw = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=["other", "default"], **kw)
+        model.set_adapter("other")
+        first = model.generate(input_ids=ids[:1], **kw)
+        model.set_adapter("default")
+        second = model.generate(input_ids=ids[1:], **kw)
+    assert mixed[0, : first.shape[1]].tolist() == first[0].tolist()
+    assert mixed[1, : second.shape[1]].tolist() == second[0].tolist()
