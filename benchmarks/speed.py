@@ -49,7 +49,13 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
     "ia3": ("IA3", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), {}),
     "prompt-tuning-20": ("PROMPT_TUNING", dict(num_virtual_tokens=20), {}),
     "miss-all": ("MISS", dict(target_modules=ALL_LINEAR), {}),
+    # sub-layer adapters (AdapterHub's presets; Hugging Face PEFT has none, so only ours vs the limit)
+    "seq_bn": ("SEQ_BN", dict(), {}),
+    "double_seq_bn": ("DOUBLE_SEQ_BN", dict(), {}),
+    "par_bn": ("PAR_BN", dict(), {}),
+    "compacter": ("COMPACTER", dict(), {}),
 }
+NO_PEFT_REFERENCE = {"SEQ_BN", "DOUBLE_SEQ_BN", "PAR_BN", "COMPACTER", "COMPACTER++"}
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -86,8 +92,10 @@ def method_configs(name: str) -> tuple[Callable[[], Any], Callable[[], Any], dic
 
     peft_type, kwargs, env = METHODS[name]
     ours_cls = get_method(peft_type).config_cls
-    ref_cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
     kw = dict(kwargs, task_type="CAUSAL_LM")
+    if peft_type in NO_PEFT_REFERENCE:
+        return (lambda: ours_cls(**copy.deepcopy(kw))), None, env
+    ref_cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
     return (lambda: ours_cls(**copy.deepcopy(kw))), (lambda: ref_cls(**copy.deepcopy(kw))), env
 
 
@@ -249,7 +257,8 @@ def _train_one(base, name, ids, warmup, steps, cuda) -> dict[str, Any]:
             ours_cfg, ref_cfg, env = method_configs(name)
             with env_vars(env):
                 runners.append(Runner("ours", peftkit.get_peft_model(copy.deepcopy(base), ours_cfg()), train=True, env=env))
-            runners.append(Runner("peft", peft.get_peft_model(copy.deepcopy(base), ref_cfg()), train=True))
+            if ref_cfg is not None:
+                runners.append(Runner("peft", peft.get_peft_model(copy.deepcopy(base), ref_cfg()), train=True))
         interleave(runners, ids, warmup + steps, cuda)
     except Exception as e:  # one method failing must not lose the others' numbers
         return {"method": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -368,6 +377,26 @@ def bench_inference(base, s, warmup, steps, log) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_sublayer_inference(base, s, names, warmup, steps, log) -> list[dict[str, Any]]:
+    """Forward of the base vs the same model with one sub-layer adapter (SeqBn, DoubleSeqBn, ...), interleaved."""
+    import peftkit
+
+    cuda = s["device"] == "cuda"
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(1)).to(s["device"])
+    rows = []
+    for name in [n for n in names if METHODS[n][0] in NO_PEFT_REFERENCE]:
+        ours_cfg, _, _ = method_configs(name)
+        runners = [Runner("base", copy.deepcopy(base).eval(), train=False),
+                   Runner("ours", peftkit.get_peft_model(copy.deepcopy(base), ours_cfg()).eval(), train=False)]
+        interleave(runners, ids, warmup + steps, cuda)
+        row = {"case": f"{name}-forward", "base_s": runners[0].median(warmup),
+               "ours": {"s": runners[1].median(warmup), "vs_base": runners[1].paired_ratio(runners[0], warmup)}}
+        rows.append(row)
+        log(f"{name + '-forward':<22} base {row['base_s'] * 1e3:8.1f} ms | ours x{row['ours']['vs_base']:.3f}")
+        free()
+    return rows
+
+
 def profile_step(base, s, name: str, log, out_path: Optional[str]) -> None:
     """Where one training step's time goes: torch.profiler tables for the limit, peftkit and peft."""
     import peft
@@ -461,6 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["train"] = bench_training(base, s, names, warmup, steps, log)
     if not args.no_infer:
         result["infer"] = bench_inference(base, s, warmup, steps, log)
+        result["infer_sublayer"] = bench_sublayer_inference(base, s, names, warmup, steps, log)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)

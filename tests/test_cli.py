@@ -136,7 +136,8 @@ def test_reference_rows(tiny, tmp_path, method, expect):
         assert sum(p.numel() for p in reloaded.parameters()) == res["all_params"]
 
 
-TINY_OPTIONS = {"MISS": ["-o", "r=8"]}  # MiSS's default r=64 does not divide the tiny model's hidden size 32
+TINY_OPTIONS = {"MISS": ["-o", "r=8"],
+                "COMPACTER": ["-o", "reduction_factor=8"], "COMPACTER++": ["-o", "reduction_factor=8"]}  # MiSS's default r=64 does not divide the tiny model's hidden size 32
 
 
 @pytest.mark.parametrize("method", [m for m in supported_methods() if m not in NEEDS_INPUT])
@@ -252,6 +253,17 @@ def test_inspect_peft_checkpoint(tiny, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)["adapters"]["default"]
     assert info["ranks_from_shapes"] == {"2": 4} and info["written_by"].startswith("peft ")
     assert info["parameters"] == model.get_nb_trainable_parameters()[0]
+
+
+def test_inspect_adapterhub_folder(capsys):
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "adapterhub", "bert-double_seq_bn")
+    assert main(["inspect", folder, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["adapters"]["default"]
+    assert info["format"] == "adapterhub" and info["written_by"] == "adapters.1.3.0"
+    assert info["method"] == "AdapterHub bottleneck" and info["parameters"] == 648  # AdapterHub's own count
+    assert info["adapted_modules"] == 4  # 2 layers x (attention.output, output)
+    assert main(["inspect", folder]) == 0
+    assert "AdapterHub bottleneck" in capsys.readouterr().out
 
 
 def test_inspect_errors(tmp_path, capsys):

@@ -15,6 +15,8 @@ from peftkit.methods.lora.xlora import XLoraConfig, XLoraModel
 from peftkit.methods.orthogonal.oft import OFTConfig
 from peftkit.methods.orthogonal.boft import BOFTConfig
 from peftkit.methods.orthogonal.hra import HRAConfig, HRAModel
+from peftkit.methods.adapters.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
+from peftkit.methods.adapters.compacter import CompacterConfig, CompacterPlusPlusConfig
 from peftkit.engine.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -30,6 +32,12 @@ from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_d
 __version__ = "0.1.0"
 
 __all__ = [
+    "BnConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
+    "DoubleSeqBnConfig",
+    "ParBnConfig",
+    "SeqBnConfig",
     "AdaLoraCallback",
     "AdaLoraConfig",
     "AdaLoraModel",

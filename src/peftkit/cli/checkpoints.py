@@ -63,6 +63,10 @@ def _prefix_for(peft_type: str) -> Optional[str]:
 
 def describe_adapter(folder: str) -> dict[str, Any]:
     """Method, base model, targets, ranks, parameter count and size of the adapter in ``folder``."""
+    from peftkit.engine.adapterhub import is_adapterhub_folder
+
+    if is_adapterhub_folder(folder):
+        return describe_adapterhub_folder(folder)
     with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as fh:
         config = json.load(fh)
     weights = next((os.path.join(folder, n) for n in (SAFETENSORS_NAME, LEGACY_WEIGHTS_NAME)
@@ -111,6 +115,49 @@ def describe_adapter(folder: str) -> dict[str, Any]:
         "weights_file": os.path.basename(weights),
         "size_bytes": size,
         "written_by": "peft " + str(config["peft_version"]) if config.get("peft_version") else "peftkit or peft",
+    }
+
+
+def describe_adapterhub_folder(folder: str) -> dict[str, Any]:
+    """``describe_adapter`` for a folder written by AdapterHub's ``adapters`` (``save_adapter``)."""
+    from peftkit.engine import adapterhub
+
+    info = adapterhub.describe(folder)
+    weights = adapterhub.weights_file(folder)
+    shapes = _tensor_shapes(weights)
+    modules: dict[str, int] = {}
+    dtypes: Counter = Counter()
+    for key, (shape, dtype) in shapes.items():
+        numel = 1
+        for s in shape:
+            numel *= s
+        dtypes[dtype] += numel
+        module = key.split(".adapters.", 1)[0] if ".adapters." in key else key.rsplit(".", 1)[0]
+        modules[module] = modules.get(module, 0) + numel
+    cfg = info["config"]
+    sizes = ("reduction_factor", "non_linearity", "mh_adapter", "output_adapter", "cross_adapter", "is_parallel",
+             "scaling", "phm_layer", "phm_dim", "phm_rank", "prefix_length", "r", "alpha")
+    size = sum(os.path.getsize(os.path.join(folder, n)) for n in (CONFIG_NAME, os.path.basename(weights)))
+    return {
+        "folder": folder,
+        "format": "adapterhub",
+        "method": f"AdapterHub {info['architecture']}",
+        "implemented_here": not cfg.get("architecture"),
+        "task_type": None,
+        "base_model": f"{info['model_class']} ({info['model_type']})",
+        "target_modules": None,
+        "adapted_modules": len(modules),
+        "adapted_module_names": sorted(modules),
+        "modules_to_save": [],
+        "rank_config": {k: cfg[k] for k in sizes if k in cfg and cfg[k] not in (None, {}, [])},
+        "ranks_from_shapes": {},
+        "parameters": info["parameters"],
+        "adapter_parameters": info["parameters"],
+        "saved_module_parameters": 0,
+        "dtypes": dict(dtypes),
+        "weights_file": os.path.basename(weights),
+        "size_bytes": size,
+        "written_by": str(info["version"]),
     }
 
 

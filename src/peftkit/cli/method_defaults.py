@@ -48,6 +48,9 @@ ADAPTER_LR = 1e-3
 
 # Methods that cannot be built from defaults alone, with what the user must provide.
 NEEDS_INPUT = {
+    "BOTTLENECK": "BnConfig (AdapterHub's general bottleneck form) needs mh_adapter, output_adapter, reduction_factor "
+                  "and non_linearity, e.g. --method-option mh_adapter=true output_adapter=true reduction_factor=16 "
+                  "non_linearity=relu; or use a preset: --method seq_bn, double_seq_bn, par_bn, compacter, compacter++.",
     "XLORA": "X-LoRA mixes already trained LoRA experts: train them first (peftkit train --method lora --out DIR) "
              "and pass --method-option adapters='{\"a\": \"DIR_A\", \"b\": \"DIR_B\"}'.",
 }

@@ -37,6 +37,7 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    BOTTLENECK = "BOTTLENECK"  # AdapterHub's bottleneck family: SeqBn, DoubleSeqBn, ParBn, Compacter(++)
 
     def __str__(self) -> str:  # json.dumps writes the value, str() too
         return self.value

@@ -13,6 +13,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 
     The returned model's class follows ``peft_config.task_type`` (e.g. ``PeftModelForCausalLM``), as in PEFT.
     """
+    if isinstance(peft_config, str):  # a config string, e.g. "seq_bn[reduction_factor=8]"
+        from peftkit.engine.registry import config_from_string
+
+        peft_config = config_from_string(peft_config)
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a peftkit config (e.g. LoraConfig), got {type(peft_config).__name__}.")
     if isinstance(model, PeftModel):

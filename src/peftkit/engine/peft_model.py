@@ -179,6 +179,10 @@ class PeftModel(nn.Module):
     def add_adapter(
         self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, *, _loading: bool = False
     ) -> None:
+        if isinstance(peft_config, str):  # a config string, e.g. "par_bn"
+            from peftkit.engine.registry import config_from_string
+
+            peft_config = config_from_string(peft_config)
         peft_config = copy.deepcopy(peft_config)
         first = next(iter(self.peft_config.values()), None)  # None after every adapter was deleted
         if peft_config.base_model_name_or_path is None and first is not None:
@@ -219,10 +223,16 @@ class PeftModel(nn.Module):
         selected_adapters: Optional[Sequence[str]] = None,
         safe_serialization: bool = True,
         is_main_process: bool = True,
+        format: str = "peftkit",
         **_: Any,
     ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` per adapter ("default" in the folder's
-        root, any other in a sub-folder of its name). Each file is written atomically."""
+        root, any other in a sub-folder of its name). Each file is written atomically.
+
+        ``format="adapterhub"`` writes AdapterHub's folder layout instead (bottleneck adapters), which ``adapters``
+        loads with ``load_adapter``."""
+        if format not in ("peftkit", "peft", "adapterhub"):
+            raise ValueError(f"format={format!r}: use 'peftkit' (the default, PEFT's layout) or 'adapterhub'.")
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -230,6 +240,11 @@ class PeftModel(nn.Module):
             if n not in self.peft_config:
                 raise ValueError(f"No adapter named {n!r} to save; this model has: {', '.join(self.peft_config)}.")
         if not is_main_process:
+            return
+        if format == "adapterhub":
+            from peftkit.engine.adapterhub import save_adapterhub
+
+            save_adapterhub(self, save_directory, names)
             return
         for name in names:
             out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
@@ -251,6 +266,11 @@ class PeftModel(nn.Module):
     ) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+        from peftkit.engine.adapterhub import is_adapterhub_folder, load_adapterhub
+
+        if config is None and subfolder is None and is_adapterhub_folder(model_id):
+            load_adapterhub(type(self), None, model_id, adapter_name, is_trainable, into=self)
+            return
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
@@ -277,9 +297,13 @@ class PeftModel(nn.Module):
         subfolder: Optional[str] = None,
         **hub_kwargs: Any,
     ) -> "PeftModel":
-        """Load an adapter saved by peftkit or Hugging Face PEFT onto ``model`` (local folder or hub id)."""
+        """Load an adapter saved by peftkit, Hugging Face PEFT or AdapterHub onto ``model`` (local folder or hub id)."""
         if isinstance(model, PeftModel):
             raise ValueError("The model already is a PeftModel; use model.load_adapter(path, adapter_name) to add one.")
+        from peftkit.engine.adapterhub import is_adapterhub_folder, load_adapterhub
+
+        if config is None and subfolder is None and is_adapterhub_folder(model_id):
+            return load_adapterhub(cls, model, model_id, adapter_name, is_trainable)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable

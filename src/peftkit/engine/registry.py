@@ -71,3 +71,21 @@ def method_for_config(config: "PeftConfig") -> MethodSpec:
 
 def supported_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+# Config strings ("seq_bn[reduction_factor=8]"): a method registers a parser for the names it understands.
+_CONFIG_STRING_PARSERS: dict[str, Callable[[str], Any]] = {}
+
+
+def register_config_strings(names: list[str], parser: Callable[[str], Any]) -> None:
+    for name in names:
+        _CONFIG_STRING_PARSERS[name.lower()] = parser
+
+
+def config_from_string(text: str) -> Any:
+    """The config a string shorthand names, e.g. ``"par_bn"`` or ``"seq_bn[reduction_factor=8]"``."""
+    head = text.split("[", 1)[0].strip().lower()
+    if head not in _CONFIG_STRING_PARSERS:
+        known = ", ".join(sorted(_CONFIG_STRING_PARSERS)) or "none"
+        raise ValueError(f"Unknown config string {text!r}; known names: {known} (optionally with [key=value,...]).")
+    return _CONFIG_STRING_PARSERS[head](text)

@@ -9,3 +9,5 @@ from peftkit.methods.orthogonal import boft  # noqa: F401,E401
 from peftkit.methods.orthogonal import hra  # noqa: F401,E401
 from peftkit.methods.lora import adalora  # noqa: F401
 from peftkit.methods.lora import xlora  # noqa: F401
+from peftkit.methods.adapters import bottleneck  # noqa: F401
+from peftkit.methods.adapters import compacter  # noqa: F401
