@@ -15,6 +15,9 @@ from peftkit.methods.lora.xlora import XLoraConfig, XLoraModel
 from peftkit.methods.orthogonal.oft import OFTConfig
 from peftkit.methods.orthogonal.boft import BOFTConfig
 from peftkit.methods.orthogonal.hra import HRAConfig, HRAModel
+from peftkit.methods.adapters.ia3 import IA3Config, IA3Model
+from peftkit.methods.adapters.ln_tuning import LNTuningConfig, LNTuningModel
+from peftkit.methods.adapters.bitfit import BitFitConfig, BitFitModel
 from peftkit.engine.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -55,6 +58,12 @@ __all__ = [
     "PeftType",
     "TaskType",
     "XLoraConfig",
+    "IA3Config",
+    "IA3Model",
+    "LNTuningConfig",
+    "LNTuningModel",
+    "BitFitConfig",
+    "BitFitModel",
     "XLoraModel",
     "get_adapter_state_dict",
     "get_peft_model",

@@ -1,0 +1,1 @@
+"""The additive and selective families: bottleneck adapters, Compacter, (IA)^3, LayerNorm tuning, BitFit."""
