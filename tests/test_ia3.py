@@ -194,3 +194,27 @@ def test_layers_to_transform():
     model = peftkit.get_peft_model(MODELS["llama"].build(), IA3Config(layers_to_transform=[1], layers_pattern="layers"))
     wrapped = [n for n, m in model.named_modules() if isinstance(m, IA3Layer)]
     assert wrapped and all(".layers.1." in n for n in wrapped)
+
+
+def test_cli_defaults_are_the_methods_own():
+    """peftkit train/bench: (IA)^3, LN tuning and BitFit keep their own targets (the survey ran each with its
+    library's defaults) instead of the attention projections other methods get."""
+    from peftkit.cli.method_defaults import build_method_config
+
+    from peftkit.engine.registry import get_method
+
+    bert = MODELS["bert"].build()
+    for method in ("IA3", "LN_TUNING", "BITFIT"):
+        cfg = build_method_config(method, bert, [], total_steps=10)
+        assert isinstance(cfg, get_method(method).config_cls) and cfg.target_modules is None, method
+        model = peftkit.get_peft_model(copy.deepcopy(bert), cfg)
+        targets = model.peft_config["default"].target_modules
+        if method == "IA3":
+            assert set(targets) == {"key", "value", "output.dense"}
+            assert model.peft_config["default"].feedforward_modules == ["output.dense"]
+        elif method == "LN_TUNING":
+            assert targets == ["LayerNorm"]
+        else:
+            assert len(targets) == sum(1 for n, _ in bert.named_parameters() if n.endswith("bias")) - 1  # head
+    cfg = build_method_config("IA3", bert, ["target_modules=query,value", "feedforward_modules=[]"])
+    assert cfg.target_modules == ["query", "value"] and cfg.feedforward_modules == []
