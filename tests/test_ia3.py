@@ -7,12 +7,42 @@ import copy
 import pytest
 import torch
 from contract import Case, _close, _out, contract_tests
-from models import MODELS
+from models import MODELS, ModelSpec
 
 import peftkit
 from peftkit import IA3Config
 from peftkit.engine.layer import AdapterLayer
 from peftkit.methods.adapters.ia3 import IA3Layer
+
+
+class _ConvNet(torch.nn.Module):
+    """A grouped Conv2d (input scaling must expand over the groups when merged) and a Conv3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.vol = torch.nn.Conv3d(2, 6, 3, padding=1)
+        self.head = torch.nn.Linear(18, 4)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        h = self.grouped(torch.relu(self.conv0(x))).mean(dim=(2, 3))
+        return self.head(torch.cat([h, torch.relu(self.vol(v)).mean(dim=(2, 3, 4))], dim=-1))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return _ConvNet().eval()
+
+
+def _conv_inputs(b):
+    g = torch.Generator().manual_seed(8)
+    return {"x": torch.randn(b, 4, 6, 6, generator=g), "v": torch.randn(b, 2, 4, 4, 4, generator=g)}
+
+
+MODELS.setdefault("conv-net", ModelSpec(
+    "conv-net", _conv_net, _conv_inputs, lambda o: o,
+    lambda m, kw: torch.nn.functional.cross_entropy(m(**kw), torch.arange(kw["x"].shape[0]) % 4)))
 
 
 def ia3_case(id, model, identity=True, perturb=None, train_lr=1e-2, **kwargs):
@@ -38,6 +68,8 @@ CASES = [
              modules_to_save=["classifier"], perturb=_perturb_with_head),
     ia3_case("ia3-t5-defaults", "t5"),
     ia3_case("ia3-conv2d", "cnn", target_modules=["conv0", "conv1", "lin"], feedforward_modules=["conv1", "lin"]),
+    ia3_case("ia3-grouped-conv2d-conv3d", "conv-net", target_modules=["conv0", "grouped", "vol"],
+             feedforward_modules=["grouped", "vol"]),
     ia3_case("ia3-llama-regex-ff", "llama", target_modules=r".*\.(q_proj|up_proj|down_proj)",
              feedforward_modules=r".*\.down_proj"),
     ia3_case("ia3-mlp-random-init", "mlp", identity=False, target_modules=["lin0", "lin1"], feedforward_modules=["lin1"],
@@ -218,3 +250,17 @@ def test_cli_defaults_are_the_methods_own():
             assert len(targets) == sum(1 for n, _ in bert.named_parameters() if n.endswith("bias")) - 1  # head
     cfg = build_method_config("IA3", bert, ["target_modules=query,value", "feedforward_modules=[]"])
     assert cfg.target_modules == ["query", "value"] and cfg.feedforward_modules == []
+
+
+def test_safe_merge_refuses_nonfinite_and_changes_nothing():
+    base = MODELS["mlp"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["lin0", "lin1"],
+                                                                 feedforward_modules=["lin1"]))
+    with torch.no_grad():
+        model.base_model.model.lin1.ia3_l["default"][0, 2] = float("inf")
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.merge_adapter(safe_merge=True)
+    after = model.get_base_model().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m.merged for m in model.modules() if isinstance(m, IA3Layer))

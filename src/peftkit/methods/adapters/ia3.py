@@ -6,8 +6,8 @@ weights exactly: input scaling multiplies the columns of W, output scaling its r
 layer costs nothing at inference. Several active adapters multiply (their vectors' product is applied).
 
 Parameter names (``ia3_l``), shapes (Linear / GPT-2 Conv1D: ``(out, 1)``, or ``(1, in)`` for feed-forward layers;
-Conv2d: ``(1, C, 1, 1)``), initialisation (ones) and default targets per model type follow Hugging Face PEFT, so
-checkpoints move between the two libraries unchanged.
+Conv2d: ``(1, C, 1, 1)``, Conv3d: ``(1, C, 1, 1, 1)``), initialisation (ones) and default targets per model type
+follow Hugging Face PEFT, so checkpoints move between the two libraries unchanged.
 
 Unmerge divides the merged weights by the vector again (exact up to one rounding of float arithmetic); where a
 vector entry is zero, the affected weights are kept aside at merge time and restored bit for bit.
@@ -26,7 +26,6 @@ import torch.nn as nn
 from peftkit.engine.config import PeftType, TargetedConfig
 from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
-from peftkit.engine.targeting import ALL_LINEAR
 from peftkit.engine.tuner import AdapterModel
 from peftkit.methods.common import adapter_dtype, conv1d_cls
 
@@ -132,7 +131,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class IA3Layer(AdapterLayer):
-    """(IA)^3 on ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) or ``nn.Conv2d``."""
+    """(IA)^3 on ``nn.Linear``, transformers' ``Conv1D`` (GPT-2), ``nn.Conv2d`` or ``nn.Conv3d``."""
 
     adapter_slots = ("ia3_l",)
 
@@ -141,8 +140,10 @@ class IA3Layer(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
         base = self.get_base_layer()
-        if isinstance(base, nn.Conv2d):
+        self.spatial = 0  # spatial dims of a convolution's activations
+        if isinstance(base, (nn.Conv2d, nn.Conv3d)):
             self.kind = "conv"
+            self.spatial = base.weight.dim() - 2
             self.in_features, self.out_features = base.in_channels, base.out_channels
         elif conv1d_cls() and isinstance(base, conv1d_cls()):
             self.kind = "conv1d"  # weight stored as (in, out)
@@ -160,7 +161,7 @@ class IA3Layer(AdapterLayer):
         ff = is_feedforward(config, module_name)
         n = self.in_features if ff else self.out_features
         if self.kind == "conv":
-            shape: tuple[int, ...] = (1, n, 1, 1)
+            shape: tuple[int, ...] = (1, n) + (1,) * self.spatial
         else:
             shape = (1, n) if ff else (n, 1)
         w = self.get_base_layer().weight
@@ -180,7 +181,8 @@ class IA3Layer(AdapterLayer):
         Linear/Conv1D, on dim 1 for convolutions."""
         flat = v.reshape(-1) if rows is None else v.reshape(rows, -1)
         if self.kind == "conv":
-            return flat.view(-1, 1, 1) if rows is None else flat.view(rows, -1, 1, 1)
+            ones = (1,) * self.spatial
+            return flat.view(-1, *ones) if rows is None else flat.view(rows, -1, *ones)
         return flat
 
     def _weight_scale(self, adapter_name: str) -> torch.Tensor:
@@ -320,8 +322,8 @@ class IA3Layer(AdapterLayer):
 
 def create_ia3_layer(target: nn.Module, adapter_name: str, config: IA3Config, module_name: str = "",
                      loading: bool = False) -> Optional[IA3Layer]:
-    """Wrap ``target`` (Linear, GPT-2 Conv1D, Conv2d: the layer types Hugging Face PEFT's (IA)^3 supports); None for
-    other module types."""
+    """Wrap ``target`` (Linear, GPT-2 Conv1D, Conv2d, Conv3d: the layer types Hugging Face PEFT's (IA)^3 supports);
+    None for other module types."""
     base = innermost_base(target)
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
@@ -331,7 +333,7 @@ def create_ia3_layer(target: nn.Module, adapter_name: str, config: IA3Config, mo
         if not config.fan_in_fan_out:
             logger.info("%s is a Conv1D (weight stored as in x out); setting fan_in_fan_out=True.", module_name)
             config.fan_in_fan_out = True
-    elif not isinstance(base, nn.Conv2d):
+    elif not isinstance(base, (nn.Conv2d, nn.Conv3d)):
         return None
     layer = IA3Layer(target)
     layer.update_layer(adapter_name, config, module_name=module_name, loading=loading)
@@ -371,4 +373,4 @@ IA3 = register_method(
     )
 )
 
-__all__ = ["IA3Config", "IA3Layer", "IA3Model", "ALL_LINEAR"]
+__all__ = ["IA3Config", "IA3Layer", "IA3Model"]
