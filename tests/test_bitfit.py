@@ -186,3 +186,20 @@ def test_checkpoint_holds_only_the_differences(tmp_path):
     assert sum(v.numel() for v in sd.values()) == _bias_count(base)
     loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert loaded.peft_config["default"].peft_type == "BITFIT"
+
+
+def test_layernorm_over_several_dims_mixes_per_row():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.LayerNorm((3, 4)))
+    model = peftkit.get_peft_model(copy.deepcopy(net), BitFitConfig())
+    model.add_adapter("b", BitFitConfig())
+    with torch.no_grad():
+        model.base_model.model[0].bitfit_bias["default"].copy_(torch.arange(12.0).view(3, 4))
+        model.base_model.model[0].bitfit_bias["b"].fill_(-1.0)
+    x = torch.randn(3, 5, 3, 4)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["b", "default", "__base__"])
+        ref = net(x)
+    _close(mixed[0], ref[0] - 1.0, 1e-6, "row b")
+    _close(mixed[1], ref[1] + torch.arange(12.0).view(3, 4), 1e-6, "row default")
+    _close(mixed[2], ref[2], 1e-6, "base row")

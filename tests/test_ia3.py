@@ -264,3 +264,34 @@ def test_safe_merge_refuses_nonfinite_and_changes_nothing():
     after = model.get_base_model().state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m.merged for m in model.modules() if isinstance(m, IA3Layer))
+
+
+def identical_both_ways(model_name, ours_cfg, ref_cfg, prefix, tmp_path):
+    """A checkpoint moved peft -> peftkit and peftkit -> peft gives bit-identical outputs (same operations)."""
+    peft = pytest.importorskip("peft")
+    spec = MODELS[model_name]
+    base = spec.build()
+
+    def noise(m, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if prefix in n:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+    ref = peft.get_peft_model(copy.deepcopy(base), ref_cfg).eval()
+    noise(ref, 0)
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs")
+    assert torch.equal(_out(spec, ours), _out(spec, ref)), "peft -> peftkit"
+    mine = peftkit.get_peft_model(copy.deepcopy(base), ours_cfg).eval()
+    noise(mine, 1)
+    mine.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    assert torch.equal(_out(spec, back), _out(spec, mine)), "peftkit -> peft"
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "bert", "t5"])
+def test_outputs_identical_to_peft_both_ways(model_name, tmp_path):
+    peft = pytest.importorskip("peft")
+    identical_both_ways(model_name, IA3Config(), peft.IA3Config(), "ia3_l", tmp_path)

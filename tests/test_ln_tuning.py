@@ -154,3 +154,12 @@ def test_checkpoint_config_reads_in_peft_without_unknown_keys(tmp_path):
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LN_TUNING" and "layers_to_transform" not in cfg
     assert sorted(cfg["target_modules"]) == ["ln_1", "ln_2", "ln_f"]
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "bert", "t5"])
+def test_outputs_identical_to_peft_both_ways(model_name, tmp_path):
+    from test_ia3 import identical_both_ways
+
+    peft = pytest.importorskip("peft")
+    kw = {"target_modules": ["LayerNorm"]} if model_name == "bert" else {}
+    identical_both_ways(model_name, LNTuningConfig(**kw), peft.LNTuningConfig(**kw), "ln_tuning_layers", tmp_path)

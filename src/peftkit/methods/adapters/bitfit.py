@@ -119,11 +119,12 @@ class BitFitLayer(AdapterLayer):
             return result
         zeros = torch.zeros_like(self.base_bias, dtype=result.dtype)
         table = torch.stack([self.bitfit_bias[n].to(result.dtype) for n in present] + [zeros])
-        rows = table[batch.index_tensor(present, x.device)]  # (batch, bias size)
+        rows = table[batch.index_tensor(present, x.device)]  # (batch, *bias shape)
         if isinstance(self.get_base_layer(), _CHANNEL_FIRST):
             rows = rows.view(rows.shape[0], -1, *([1] * (result.dim() - 2)))
-        else:
-            rows = rows.view(rows.shape[0], *([1] * (result.dim() - 2)), -1)
+        else:  # the bias covers the trailing dims (a LayerNorm's normalized_shape may be several)
+            bshape = tuple(zeros.shape)
+            rows = rows.view(rows.shape[0], *([1] * (result.dim() - 1 - len(bshape))), *bshape)
         return result + rows
 
     # ---- merge: an addition to the bias; the original is kept so that unmerge restores it exactly
