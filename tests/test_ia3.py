@@ -295,3 +295,29 @@ def identical_both_ways(model_name, ours_cfg, ref_cfg, prefix, tmp_path):
 def test_outputs_identical_to_peft_both_ways(model_name, tmp_path):
     peft = pytest.importorskip("peft")
     identical_both_ways(model_name, IA3Config(), peft.IA3Config(), "ia3_l", tmp_path)
+
+
+def test_add_weighted_adapter_matches_peft():
+    peft = pytest.importorskip("peft")
+    spec = MODELS["llama"]
+    base = spec.build()
+    cfg_a = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    cfg_b = dict(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ours = peftkit.get_peft_model(copy.deepcopy(base), IA3Config(**cfg_a)).eval()
+    ours.add_adapter("b", IA3Config(**cfg_b))
+    _noise(ours, seed=4)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**cfg_a)).eval()
+    theirs.add_adapter("b", peft.IA3Config(**cfg_b))
+    sd = {**peftkit.get_adapter_state_dict(ours.base_model, "default")}
+    peft.set_peft_model_state_dict(theirs, sd, adapter_name="default")
+    peft.set_peft_model_state_dict(theirs, peftkit.get_adapter_state_dict(ours.base_model, "b"), adapter_name="b")
+    ours.add_weighted_adapter(["default", "b"], [0.7, 0.5], "mix")
+    theirs.add_weighted_adapter(["default", "b"], [0.7, 0.5], "mix")
+    assert ours.active_adapters == ["default"]
+    ours.set_adapter("mix")
+    theirs.set_adapter("mix")
+    assert torch.equal(_out(spec, ours), _out(spec, theirs))
+    assert set(ours.peft_config["mix"].target_modules) == {"k_proj", "q_proj", "v_proj", "down_proj"}
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        ours.add_weighted_adapter(["default", "b"], [1.0], "bad")
+    assert "bad" not in ours.peft_config

@@ -362,6 +362,58 @@ class IA3Model(AdapterModel):
         return super()._resolve_targets(config, spec)
 
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """Create ``adapter_name`` whose vectors are ``sum_i weights[i] * vector of adapters[i]`` (Hugging Face
+        PEFT's ``IA3Model.add_weighted_adapter``): it targets the union of the adapters' modules; a layer that an
+        adapter does not adapt contributes nothing from it. The new adapter is not activated."""
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"add_weighted_adapter needs one weight per adapter; got {len(adapters)} adapters and "
+                             f"{len(weights)} weights.")
+        for a in adapters:
+            if a not in self.peft_config:
+                raise ValueError(f"No adapter named {a!r}; this model has: {', '.join(self.peft_config)}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+        for path, wrapper in self.modules_to_save_wrappers():
+            owners = [a for a in adapters if a in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(f"Adapters {owners} each have their own trained copy of {path} (modules_to_save); "
+                                 "they cannot be combined.")
+        configs = [self.peft_config[a] for a in adapters]
+
+        def union(field_name: str):
+            values = [getattr(c, field_name) for c in configs]
+            if all(isinstance(v, str) for v in values):
+                return "|".join(f"({v})" for v in values)
+            if any(isinstance(v, str) for v in values):
+                raise ValueError(f"Cannot combine adapters whose {field_name} mix regexes and lists of names.")
+            return sorted(set().union(*[set(v or []) for v in values]))
+
+        import dataclasses
+
+        config = dataclasses.replace(configs[0], target_modules=union("target_modules"),
+                                     feedforward_modules=union("feedforward_modules"))
+        self.inject_adapter(adapter_name, config)
+        with torch.no_grad():
+            for path, layer in self.adapter_layers():
+                if adapter_name not in layer.ia3_l:
+                    continue
+                new = layer.ia3_l[adapter_name]
+                new.zero_()
+                for a, w in zip(adapters, weights):
+                    if a not in layer.ia3_l:
+                        continue
+                    if layer.ia3_l[a].shape != new.shape:
+                        self.delete_adapter(adapter_name)
+                        raise ValueError(
+                            f"{path}: adapter {a!r} scales the layer's {'input' if layer.is_feedforward[a] else 'output'}"
+                            f" but the combination scales its {'input' if layer.is_feedforward[adapter_name] else 'output'}"
+                            "; combine adapters that agree on feedforward_modules."
+                        )
+                    new.add_(layer.ia3_l[a].to(new.dtype), alpha=w)
+
+
 IA3 = register_method(
     MethodSpec(
         peft_type=PeftType.IA3.value,
