@@ -47,6 +47,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
     "hra-all-r8": ("HRA", dict(r=8, target_modules=ALL_LINEAR), {}),
     "adalora-qv": ("ADALORA", dict(init_r=12, target_r=8, total_step=1000, target_modules=["q_proj", "v_proj"]), {}),
     "ia3": ("IA3", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), {}),
+    "ln-tuning": ("LN_TUNING", dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"]), {}),
     "prompt-tuning-20": ("PROMPT_TUNING", dict(num_virtual_tokens=20), {}),
     "miss-all": ("MISS", dict(target_modules=ALL_LINEAR), {}),
     # sub-layer adapters (AdapterHub's presets; Hugging Face PEFT has none, so only ours vs the limit)
@@ -397,6 +398,71 @@ def bench_sublayer_inference(base, s, names, warmup, steps, log) -> list[dict[st
     return rows
 
 
+# Methods whose inference is measured merged and unmerged against the base forward (the survey: (IA)^3 and LN
+# tuning cost nothing once merged; unmerged, (IA)^3 adds one elementwise product per adapted layer).
+MERGE_INFER_METHODS = ("ia3", "ln-tuning")
+
+
+def _noised(model: torch.nn.Module, prefix: str) -> torch.nn.Module:
+    """Make the adapter non-trivial (values do not change the cost; merged weights then differ from the base)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if prefix in n:
+                p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * 0.05)
+    return model
+
+
+def bench_merge_inference(base, s, warmup, steps, log, names=MERGE_INFER_METHODS) -> list[dict[str, Any]]:
+    """Base forward vs the method unmerged, merged (``merge_adapter()``: wrappers stay, weights hold the adapter)
+    and peft unmerged, interleaved round by round; ratios are medians of per-round ratios to the base."""
+    import peft
+
+    import peftkit
+    from peftkit.engine.registry import get_method
+
+    cuda = s["device"] == "cuda"
+    registered = set(peftkit.supported_methods())
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(1)).to(s["device"])
+    rows = []
+    for name in names:
+        peft_type = METHODS[name][0]
+        if peft_type not in registered:
+            log(f"  skip {name} inference: {peft_type} is not registered in peftkit")
+            continue
+        try:
+            ours_cfg, ref_cfg, env = method_configs(name)
+            prefix = get_method(peft_type).prefix
+            unmerged = _noised(peftkit.get_peft_model(copy.deepcopy(base), ours_cfg()), prefix).eval()
+            merged = copy.deepcopy(unmerged)
+            merged.merge_adapter()
+            ref = _noised(peft.get_peft_model(copy.deepcopy(base), ref_cfg()), prefix).eval()
+            runners = [Runner("base", copy.deepcopy(base).eval(), train=False), Runner("unmerged", unmerged, train=False),
+                       Runner("merged", merged, train=False), Runner("peft", ref, train=False)]
+            del unmerged, merged, ref
+            interleave(runners, ids, warmup + steps, cuda)
+        except Exception as e:
+            rows.append({"case": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            log(f"  {name} inference: {rows[-1]['error']}")
+            continue
+        row: dict[str, Any] = {"case": name, "batch": s["batch"], "seq": s["seq"], "base_s": runners[0].median(warmup)}
+        for r in runners[1:]:
+            row[r.label] = {"s": r.median(warmup), "vs_base": r.paired_ratio(runners[0], warmup)}
+        rows.append(row)
+        log(fmt_merge_row(row))
+        del runners
+        free()
+    return rows
+
+
+def fmt_merge_row(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['case']:<14} error: {row['error']}"
+    return (f"{row['case']:<14} {row['batch']}x{row['seq']}: base {row['base_s'] * 1e3:8.1f} ms | ours merged "
+            f"x{row['merged']['vs_base']:.3f} unmerged x{row['unmerged']['vs_base']:.3f} | peft unmerged "
+            f"x{row['peft']['vs_base']:.3f} of the base forward")
+
+
 def profile_step(base, s, name: str, log, out_path: Optional[str]) -> None:
     """Where one training step's time goes: torch.profiler tables for the limit, peftkit and peft."""
     import peft
@@ -447,6 +513,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="AdamW implementation for every runner: torch's default, or the fused kernel")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-infer", action="store_true")
+    ap.add_argument("--merge-infer-only", action="store_true",
+                    help="only the merged/unmerged inference of (IA)^3 and LN tuning against the base forward")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -486,11 +554,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception as e:  # profiling is a diagnostic; never lose the benchmark to it
             log(f"profile failed: {type(e).__name__}: {e}")
     result: dict[str, Any] = {"info": info}
-    if not args.no_train:
+    if not args.no_train and not args.merge_infer_only:
         result["train"] = bench_training(base, s, names, warmup, steps, log)
-    if not args.no_infer:
+    if not args.no_infer and not args.merge_infer_only:
         result["infer"] = bench_inference(base, s, warmup, steps, log)
         result["infer_sublayer"] = bench_sublayer_inference(base, s, names, warmup, steps, log)
+    if not args.no_infer:
+        picked = [n for n in MERGE_INFER_METHODS if args.methods == "all" or n in names]
+        result["infer_merged"] = bench_merge_inference(base, s, warmup, steps, log, picked)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
@@ -501,6 +572,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "error" not in row:
             log(f"{row['case']:<14} ours x{row['ours']['vs_base']:.2f} peft x{row['peft']['vs_base']:.2f} of base "
                 f"forward ({row['batch']}x{row['seq']})")
+    for row in result.get("infer_merged", []):
+        log(fmt_merge_row(row))
     return 0
 
 

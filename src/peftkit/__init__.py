@@ -17,6 +17,9 @@ from peftkit.methods.orthogonal.boft import BOFTConfig
 from peftkit.methods.orthogonal.hra import HRAConfig, HRAModel
 from peftkit.methods.adapters.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from peftkit.methods.adapters.compacter import CompacterConfig, CompacterPlusPlusConfig
+from peftkit.methods.adapters.ia3 import IA3Config, IA3Model
+from peftkit.methods.adapters.ln_tuning import LNTuningConfig, LNTuningModel
+from peftkit.methods.adapters.bitfit import BitFitConfig, BitFitModel
 from peftkit.engine.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -63,6 +66,12 @@ __all__ = [
     "PeftType",
     "TaskType",
     "XLoraConfig",
+    "IA3Config",
+    "IA3Model",
+    "LNTuningConfig",
+    "LNTuningModel",
+    "BitFitConfig",
+    "BitFitModel",
     "XLoraModel",
     "get_adapter_state_dict",
     "get_peft_model",

@@ -233,6 +233,9 @@ def bench_method(job: Job) -> dict[str, Any]:
     original = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
     model, config = prepare_model(job.method, model, job.options, args.steps)
     if job.library == PEFT:
+        if config is not None and getattr(config, "target_modules", "") is None:
+            # the method chose its own targets ((IA)^3, LN tuning): give PEFT exactly the modules we adapted
+            config = copy.deepcopy(model.peft_config["default"])
         model = to_peft_model(model.unload(), config)
     elif config is not None:  # the model's copy: the task wrapper added the classifier to modules_to_save
         config = model.peft_config["default"]

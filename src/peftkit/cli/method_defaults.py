@@ -56,6 +56,13 @@ NEEDS_INPUT = {
 }
 
 
+# Methods whose targets are part of the method (the survey ran them with their library's defaults): without a
+# --method-option target_modules they keep their own per-model-type defaults instead of the attention projections.
+# (IA)^3: keys, values and the second feed-forward projection (PEFT's table); LN tuning: the norm layers; BitFit:
+# every bias.
+OWN_DEFAULT_TARGETS = {"IA3", "LN_TUNING", "BITFIT"}
+
+
 def available_methods() -> list[str]:
     """Every name ``--method`` accepts (registered methods in lower case, then the reference rows)."""
     return [m.lower() for m in supported_methods()] + list(PSEUDO_METHODS)
@@ -203,7 +210,7 @@ def build_method_config(
     if method in NEEDS_INPUT and not user:
         raise UsageError(f"--method {method.lower()}: {NEEDS_INPUT[method]}")
     kwargs: dict[str, Any] = {k: v for k, v in method_overrides(method, total_steps).items() if k in names}
-    if "target_modules" in names and "target_modules" not in user:
+    if "target_modules" in names and "target_modules" not in user and method not in OWN_DEFAULT_TARGETS:
         targets = attention_targets(model)
         if not targets:
             raise UsageError(f"Could not find attention projections in {type(model).__name__} to adapt; pass "

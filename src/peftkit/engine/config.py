@@ -34,6 +34,8 @@ class PeftType(str, enum.Enum):
     MISS = "MISS"
     XLORA = "XLORA"
     IA3 = "IA3"
+    LN_TUNING = "LN_TUNING"
+    BITFIT = "BITFIT"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"

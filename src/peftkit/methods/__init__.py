@@ -11,3 +11,6 @@ from peftkit.methods.lora import adalora  # noqa: F401
 from peftkit.methods.lora import xlora  # noqa: F401
 from peftkit.methods.adapters import bottleneck  # noqa: F401
 from peftkit.methods.adapters import compacter  # noqa: F401
+from peftkit.methods.adapters import ia3  # noqa: F401
+from peftkit.methods.adapters import ln_tuning  # noqa: F401
+from peftkit.methods.adapters import bitfit  # noqa: F401
