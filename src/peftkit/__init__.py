@@ -15,6 +15,10 @@ from peftkit.methods.lora.xlora import XLoraConfig, XLoraModel
 from peftkit.methods.orthogonal.oft import OFTConfig
 from peftkit.methods.orthogonal.boft import BOFTConfig
 from peftkit.methods.orthogonal.hra import HRAConfig, HRAModel
+from peftkit.methods.prompts.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from peftkit.methods.prompts.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from peftkit.methods.prompts.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from peftkit.engine.prompting import PromptLearningConfig, PromptLearningModel
 from peftkit.engine.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -53,6 +57,14 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptLearningModel",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "XLoraConfig",
     "XLoraModel",

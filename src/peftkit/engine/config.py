@@ -36,6 +36,7 @@ class PeftType(str, enum.Enum):
     IA3 = "IA3"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
 
     def __str__(self) -> str:  # json.dumps writes the value, str() too

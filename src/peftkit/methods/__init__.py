@@ -9,3 +9,6 @@ from peftkit.methods.orthogonal import boft  # noqa: F401,E401
 from peftkit.methods.orthogonal import hra  # noqa: F401,E401
 from peftkit.methods.lora import adalora  # noqa: F401
 from peftkit.methods.lora import xlora  # noqa: F401
+from peftkit.methods.prompts import prompt_tuning  # noqa: F401
+from peftkit.methods.prompts import prefix_tuning  # noqa: F401
+from peftkit.methods.prompts import p_tuning  # noqa: F401
