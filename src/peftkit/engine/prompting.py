@@ -215,6 +215,8 @@ def _prefix_layer_class() -> Optional[type]:
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
             if self.frozen:
+                if not self.is_initialized:  # an empty (cross-attention) layer
+                    return key_states, value_states
                 return (torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2),
                         torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2))
             return super().update(key_states, value_states, *args, **kwargs)
@@ -247,8 +249,22 @@ def build_prefix_cache(keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]],
     if encoder_decoder:
         from transformers import EncoderDecoderCache
 
-        cache = EncoderDecoderCache(cache, DynamicCache())
+        cross = DynamicCache()
+        if frozen and layer_cls is not None:
+            # nothing of the cross-attention is kept either, so a recomputed decoder layer computes it again
+            cross.layers = [layer_cls(True) for _ in keys_values]
+        cache = EncoderDecoderCache(cache, cross)
+        if frozen:
+            cache.is_updated = _NeverUpdated(cache.is_updated)
     return cache
+
+
+class _NeverUpdated(dict):
+    """``EncoderDecoderCache.is_updated`` of a frozen cache: no layer is ever marked as holding its cross-attention
+    keys, so each call (and each recomputation) projects them again."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        dict.__setitem__(self, key, False)
 
 
 def split_prefix(prefix: torch.Tensor, num_layers: int, heads: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -420,7 +436,23 @@ class PromptLearningModel(AdapterModel):
                 if ".modules_to_save." not in name:
                     p.requires_grad_(False)
             self.active_adapters = [adapter_name]
+            if config.prompt_kind == PREFIX:
+                self._keep_cache_under_checkpointing()
         self.set_adapter(self.active_adapters)
+
+    def _keep_cache_under_checkpointing(self) -> None:
+        """transformers drops the cache argument of a checkpointed layer (its recomputation would write the cache a
+        second time) unless the layer says it only reads it. Under training (the only time checkpointing runs) the
+        prefix cache is read-only (``frozen``), so the decoder layers are told so; undone by ``unload()``."""
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:  # pragma: no cover - old transformers
+            return
+        self._cache_readers = []
+        for module in self.model.modules():
+            if isinstance(module, GradientCheckpointingLayer) and "_can_checkpoint_with_cache" not in vars(module):
+                module._can_checkpoint_with_cache = True
+                self._cache_readers.append(module)
 
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.prompt_encoder:
@@ -488,6 +520,9 @@ class PromptLearningModel(AdapterModel):
 
     def unload(self) -> nn.Module:
         self._remove_hooks()
+        for module in getattr(self, "_cache_readers", []):
+            del module._can_checkpoint_with_cache
+        self._cache_readers = []
         return self._unwrap(merge=False)
 
     # ------------------------------------------------------------------------------------------ checkpoints
