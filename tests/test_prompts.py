@@ -365,3 +365,112 @@ def test_unsupported_models_and_bad_configs_give_clear_errors():
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
         peftkit.get_peft_model(MODELS["gpt2"].build(), peftkit.PrefixTuningConfig(num_virtual_tokens=3, token_dim=30,
                                                                                  num_attention_heads=4))
+
+
+# ------------------------------------------------------------------------------------------------- Llama-Adapter
+def adaption(model_name: str = "llama", **kw):
+    kw.setdefault("adapter_len", 3)
+    kw.setdefault("adapter_layers", 2)
+    return peftkit.AdaptionPromptConfig(task_type="CAUSAL_LM", **kw)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_llama_adapter_identity_at_init_and_parity_with_peft(model_name, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = MODELS[model_name].build()
+    ours = peftkit.get_peft_model(copy.deepcopy(base), adaption(model_name)).eval()
+    close(run(model_name, ours), run(model_name, base), 0, "Llama-Adapter at init (gates are zero)")
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(trainable) == 4 and all(".adaption_" in n for n in trainable)
+    noise(ours)
+    expected = run(model_name, ours)
+    assert (expected - run(model_name, base)).abs().max() > 1e-3
+    ours.save_pretrained(tmp_path / "ours")
+    again = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert torch.equal(run(model_name, again), expected)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    close(run(model_name, theirs), expected, 1e-5, "peft loading our Llama-Adapter")
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3,
+                                                                             adapter_layers=2)).eval()
+    noise(ref, seed=4)
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    back = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs")
+    close(run(model_name, back), run(model_name, ref), 1e-5, "our model loading peft's Llama-Adapter")
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_llama_adapter_generate_equals_manual_forward(model_name):
+    base = MODELS[model_name].build()
+    base.generation_config.pad_token_id = 0
+    model = peftkit.get_peft_model(base, adaption(model_name)).eval()
+    noise(model, scale=2.0)
+    ids = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    ids[mask == 0] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(**kw, use_cache=True)
+        uncached = model.generate(**kw, use_cache=False)
+        tokens, scores = _manual_greedy(model, ids, mask, 5, encdec=False)
+    assert torch.equal(cached.sequences, tokens) and torch.equal(uncached.sequences, tokens)
+    for a, b, c in zip(cached.scores, uncached.scores, scores):
+        close(a, c, 1e-4, "with cache")
+        close(b, c, 1e-4, "without cache")
+
+
+def test_llama_adapter_training_checkpointing_adapters_and_errors():
+    spec = MODELS["llama"]
+    base = _llama(head_dim=16)  # grouped-query attention with a head size that is not hidden / heads
+    kw = spec.inputs(2)
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        pm = peftkit.get_peft_model(model, adaption()).train()
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "adaption_gate" in n:
+                    p.fill_(0.5)  # the prompt gets no gradient while the gate is exactly zero
+        spec.loss(pm, kw).backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        close(grads[1][n], grads[0][n], 1e-5, f"gradient of {n}")
+    model = peftkit.get_peft_model(copy.deepcopy(base), adaption()).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(8):
+        loss = spec.loss(model, kw)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    model.eval()
+    out_default = run("llama", model, kw)
+    model.add_adapter("other", adaption(adapter_layers=1))
+    model.set_adapter("other")
+    close(run("llama", model, kw), run("llama", base, kw), 0, "a fresh adapter is the identity")
+    with model.disable_adapter():
+        close(run("llama", model, kw), run("llama", base, kw), 0, "disabled")
+    with pytest.raises(ValueError, match="exactly one"):
+        model.set_adapter(["default", "other"])
+    model.delete_adapter("other")
+    close(run("llama", model, kw), out_default, 0, "after deleting the other adapter")
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    close(run("llama", model.unload(), kw), run("llama", base, kw), 0, "unload")
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration"):
+        peftkit.get_peft_model(MODELS["t5"].build(), peftkit.AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
+    bert = MODELS["bert"].build()
+    with pytest.raises(ValueError, match="BertSelfAttention"):
+        peftkit.get_peft_model(bert, peftkit.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules="self"))
+    assert all(p.requires_grad for p in bert.parameters()), "a failed wrap changed the model"
+    with pytest.raises(ValueError, match="only 2 attention modules"):
+        peftkit.get_peft_model(copy.deepcopy(base), adaption(adapter_layers=3))
+    with pytest.raises(ValueError, match="adapter_len"):
+        peftkit.AdaptionPromptConfig(adapter_layers=1)

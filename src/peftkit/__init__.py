@@ -18,6 +18,7 @@ from peftkit.methods.orthogonal.hra import HRAConfig, HRAModel
 from peftkit.methods.prompts.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from peftkit.methods.prompts.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from peftkit.methods.prompts.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from peftkit.methods.prompts.llama_adapter import AdaptionPromptConfig, AdaptionPromptModel
 from peftkit.engine.prompting import PromptLearningConfig, PromptLearningModel
 from peftkit.engine.peft_model import (
     PeftModel,
@@ -35,6 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraCallback",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
     "AdaLoraConfig",
     "AdaLoraModel",
     "attach_to_optimizer",

@@ -12,3 +12,4 @@ from peftkit.methods.lora import xlora  # noqa: F401
 from peftkit.methods.prompts import prompt_tuning  # noqa: F401
 from peftkit.methods.prompts import prefix_tuning  # noqa: F401
 from peftkit.methods.prompts import p_tuning  # noqa: F401
+from peftkit.methods.prompts import llama_adapter  # noqa: F401
