@@ -474,3 +474,111 @@ def test_llama_adapter_training_checkpointing_adapters_and_errors():
         peftkit.get_peft_model(copy.deepcopy(base), adaption(adapter_layers=3))
     with pytest.raises(ValueError, match="adapter_len"):
         peftkit.AdaptionPromptConfig(adapter_layers=1)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def tiny_llama_classifier(tmp_path_factory):
+    """(model folder, data csv): a 2-layer Llama classifier with grouped-query attention and 40 labelled sentences."""
+    import csv
+    import random
+
+    from transformers import BertTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("llama_cls")
+    pos, neg, filler = ["good", "great", "fine"], ["bad", "awful", "dull"], ["the", "movie", "was", "a", "plot"]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pos + neg + filler
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=2,
+                      pad_token_id=0)
+    LlamaForSequenceClassification(cfg).save_pretrained(root / "model")
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(root / "model")
+    rng = random.Random(0)
+    with open(root / "data.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sentence", "sentiment"])
+        for i in range(40):
+            label = i % 2
+            words_ = rng.sample(filler, 3) + [rng.choice(pos if label else neg)]
+            w.writerow([" ".join(words_), "pos" if label else "neg"])
+    return str(root / "model"), str(root / "data.csv")
+
+
+def _cli_train(model_dir, data, out, *extra):
+    from peftkit.cli import main
+
+    return main(["train", "--model", model_dir, "--data", data, "--text-column", "sentence", "--label-column",
+                 "sentiment", "--train-size", "24", "--test-size", "16", "--batch-size", "8", "--epochs", "1",
+                 "--max-length", "12", "--no-progress", "--no-probe", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning", "adaption_prompt"])
+def test_cli_trains_every_prompt_method_on_a_llama_classifier(tiny_llama_classifier, tmp_path, method):
+    import json
+
+    model_dir, data = tiny_llama_classifier
+    assert _cli_train(model_dir, data, tmp_path / method, "--method", method) == 0
+    res = json.loads((tmp_path / method / "train_results.json").read_text())
+    cfg = peftkit.PeftConfig.from_dict(res["config"])
+    if method == "prefix_tuning":  # the survey's setting
+        assert (cfg.num_virtual_tokens, cfg.prefix_projection, cfg.encoder_hidden_size) == (30, True, 512)
+    if method == "adaption_prompt":
+        assert (cfg.adapter_len, cfg.adapter_layers) == (10, 2)
+    from transformers import AutoModelForSequenceClassification
+
+    loaded = peftkit.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(model_dir),
+                                               str(tmp_path / method))
+    assert loaded.get_nb_trainable_parameters()[1] > 0
+
+
+def test_cli_refuses_llama_adapter_on_bert_clearly(tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]
+    BertForSequenceClassification(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=37)).save_pretrained(tmp_path / "m")
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path / "m")
+    (tmp_path / "d.csv").write_text("sentence,sentiment\n" + "".join(f"{w},{w}\n" for w in ["good", "bad"] * 10))
+    rc = _cli_train(str(tmp_path / "m"), str(tmp_path / "d.csv"), tmp_path / "out", "--method", "adaption_prompt")
+    assert rc == 2
+    assert "BertForSequenceClassification cannot take --method adaption_prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["adaption", "prompt", "prefix"])
+def test_llama_sequence_classifier_head_is_trained_and_saved_as_peft_does(method, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+    if method == "adaption":
+        make = lambda lib: lib.AdaptionPromptConfig(task_type="SEQ_CLS", adapter_len=3, adapter_layers=2)  # noqa: E731
+    else:
+        name = METHODS[method][0]
+        make = lambda lib: getattr(lib, name)(task_type="SEQ_CLS", num_virtual_tokens=3)  # noqa: E731
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kw = dict(input_ids=ids, attention_mask=mask)
+    ours = peftkit.get_peft_model(copy.deepcopy(base), make(peftkit)).eval()
+    assert any(".modules_to_save." in n and "score" in n for n, p in ours.named_parameters() if p.requires_grad)
+    noise(ours)
+    with torch.no_grad():
+        expected = ours(**kw).logits
+    ours.save_pretrained(tmp_path / "ours")
+    again = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(again(**kw).logits, expected)
+    if method == "prefix":
+        pytest.skip("peft 0.21 cannot run prefix tuning on sequence classifiers with transformers 5.24")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    ref = peft.get_peft_model(copy.deepcopy(base), make(peft)).eval()
+    noise(ref, seed=5)
+    ref.save_pretrained(str(tmp_path / "theirs"))
+    back = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs")
+    with torch.no_grad():
+        close(theirs(**kw).logits, expected, 1e-5, "peft loading ours")
+        close(back(**kw).logits, ref(**kw).logits, 1e-5, "ours loading peft's")

@@ -40,6 +40,9 @@ class AdaptionPromptConfig(PeftConfig):
     target_modules: Optional[str] = field(default=None, metadata={"help": "Name of the attention modules."})
     adapter_len: int = field(default=None, metadata={"help": "Number of adaption prompt vectors per layer."})
     adapter_layers: int = field(default=None, metadata={"help": "Number of adapted layers, counted from the top."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules (e.g. a classifier head) trained in full and saved with the adapter."}
+    )
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.ADAPTION_PROMPT
@@ -48,8 +51,17 @@ class AdaptionPromptConfig(PeftConfig):
             v = getattr(self, name)
             if v is None or isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"AdaptionPromptConfig.{name} must be a positive integer, got {v!r}.")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
         if self.target_modules is not None and not isinstance(self.target_modules, str):
             raise ValueError(f"AdaptionPromptConfig.target_modules is one module name (e.g. 'self_attn'), got {self.target_modules!r}.")
+
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out.get("modules_to_save") is None:  # PEFT's AdaptionPromptConfig has no such field: keep its files clean
+            out.pop("modules_to_save", None)
+        return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +200,7 @@ class AdaptionPromptModel(AdapterModel):
                     setattr(parent, attr, module)
                 module.update_layer(adapter_name, config)
                 module.adapter_configs[adapter_name] = config
+            self._add_modules_to_save(adapter_name, config)
         except Exception:
             self._discard_partial_adapter(adapter_name)
             raise
