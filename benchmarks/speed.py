@@ -48,6 +48,9 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
     "adalora-qv": ("ADALORA", dict(init_r=12, target_r=8, total_step=1000, target_modules=["q_proj", "v_proj"]), {}),
     "ia3": ("IA3", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), {}),
     "prompt-tuning-20": ("PROMPT_TUNING", dict(num_virtual_tokens=20), {}),
+    "prefix-tuning-30": ("PREFIX_TUNING", dict(num_virtual_tokens=30, prefix_projection=True, encoder_hidden_size=512), {}),
+    "p-tuning-20": ("P_TUNING", dict(num_virtual_tokens=20, encoder_hidden_size=256), {}),
+    "llama-adapter-10": ("ADAPTION_PROMPT", dict(adapter_len=10, adapter_layers=4), {}),
     "miss-all": ("MISS", dict(target_modules=ALL_LINEAR), {}),
 }
 

@@ -260,8 +260,9 @@ def test_prefix_on_t5_whose_head_size_is_not_hidden_over_heads():
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    base = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=37, num_layers=3, num_heads=4,
-                                               decoder_start_token_id=0, pad_token_id=0)).eval()
+    base = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=37, num_layers=2,
+                                               num_decoder_layers=3, num_heads=4, decoder_start_token_id=0,
+                                               pad_token_id=0)).eval()
     model = peftkit.get_peft_model(copy.deepcopy(base), peftkit.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
     cfg = model.peft_config["default"]
     assert (cfg.token_dim, cfg.num_attention_heads) == (64, 4)
@@ -321,7 +322,7 @@ def test_export_prompt_drops_the_reparameterisation(tmp_path):
     close(run("gpt2", model), before, 1e-6, "exported prefix")
 
 
-def test_named_adapters_add_set_delete_disable():
+def test_named_adapters_add_set_delete_disable(tmp_path):
     base = MODELS["llama"].build()
     model = peftkit.get_peft_model(copy.deepcopy(base), config(peftkit, "prompt", "llama")).eval()
     noise(model, seed=1)
@@ -343,6 +344,12 @@ def test_named_adapters_add_set_delete_disable():
     model.delete_adapter("other")
     assert model.active_adapter == "default"
     close(run("llama", model), out_default, 0, "after deleting the other adapter")
+    model.save_pretrained(tmp_path)
+    model.load_adapter(tmp_path, adapter_name="loaded")
+    model.set_adapter("loaded")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".loaded." in n)
+    assert torch.equal(run("llama", model), out_default), "load_adapter changed the output"
+    model.set_adapter("default")
     plain = model.unload()
     close(run("llama", plain), run("llama", base), 0, "unload gives the base model back")
 
@@ -582,3 +589,21 @@ def test_llama_sequence_classifier_head_is_trained_and_saved_as_peft_does(method
     with torch.no_grad():
         close(theirs(**kw).logits, expected, 1e-5, "peft loading ours")
         close(back(**kw).logits, ref(**kw).logits, 1e-5, "ours loading peft's")
+
+
+def test_cli_bench_runs_the_prompt_methods(tiny_llama_classifier, tmp_path):
+    import json
+
+    from peftkit.cli import main
+
+    model_dir, data = tiny_llama_classifier
+    methods = "prompt_tuning,prefix_tuning,p_tuning,adaption_prompt"
+    rc = main(["bench", "--model", model_dir, "--data", data, "--text-column", "sentence", "--label-column",
+               "sentiment", "--methods", methods, "--steps", "2", "--batch-size", "8", "--train-size", "24",
+               "--test-size", "8", "--infer-batches", "1", "--in-process", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert set(rows) == set(methods.split(","))
+    for name, row in rows.items():
+        assert "error" not in row, (name, row.get("error"))
+        assert row["trainable_params"] > 0 and row["infer_tokens_per_s_unmerged"] > 0

@@ -377,6 +377,9 @@ class PromptLearningModel(AdapterModel):
         dims = model_dims(self.model, method) if need or config.prompt_kind == PREFIX else {}
         if config.num_layers is None:
             config.num_layers = dims["num_layers"]
+            decoder_layers = _first_attr(model_config(self.model), ("num_decoder_layers",))
+            if config.prompt_kind == PREFIX and is_encoder_decoder(self.model) and decoder_layers:
+                config.num_layers = decoder_layers  # the prefixes go to the decoder (PEFT assumes equal counts)
         if config.token_dim is None:
             config.token_dim = dims["hidden"]
         if config.num_attention_heads is None:
