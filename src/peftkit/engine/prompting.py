@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -440,22 +440,9 @@ class PromptLearningModel(AdapterModel):
                     p.requires_grad_(False)
             self.active_adapters = [adapter_name]
             if config.prompt_kind == PREFIX:
-                self._keep_cache_under_checkpointing()
+                self._cache_readers = keep_cache_under_checkpointing(self.model)  # undone by unload()
         self.set_adapter(self.active_adapters)
 
-    def _keep_cache_under_checkpointing(self) -> None:
-        """transformers drops the cache argument of a checkpointed layer (its recomputation would write the cache a
-        second time) unless the layer says it only reads it. Under training (the only time checkpointing runs) the
-        prefix cache is read-only (``frozen``), so the decoder layers are told so; undone by ``unload()``."""
-        try:
-            from transformers.modeling_layers import GradientCheckpointingLayer
-        except ImportError:  # pragma: no cover - old transformers
-            return
-        self._cache_readers = []
-        for module in self.model.modules():
-            if isinstance(module, GradientCheckpointingLayer) and "_can_checkpoint_with_cache" not in vars(module):
-                module._can_checkpoint_with_cache = True
-                self._cache_readers.append(module)
 
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.prompt_encoder:
@@ -648,32 +635,57 @@ class PromptLearningModel(AdapterModel):
         return seq2seq_prefix_layers(pairs) if encoder_decoder else pairs
 
     def _add_prefix(self, module: nn.Module, kwargs: dict[str, Any], config: PromptLearningConfig, prompt: PromptModule) -> None:
-        n = config.num_virtual_tokens
-        encdec = is_encoder_decoder(module)
-        cache = _cache_of(kwargs)
-        past = cached_length(cache)
-        mask_key = "decoder_attention_mask" if encdec else "attention_mask"
-        mask = kwargs.get(mask_key)
-        if past > 0:  # a later generation step: the cache starts with the prefix, the mask does not yet
-            new = _input_length(kwargs, decoder=encdec) or 0
-            if mask is not None and mask.dim() == 2 and mask.shape[1] == past + new - n:
-                kwargs[mask_key] = _prepend(mask, n)
-            pos_key = "decoder_position_ids" if encdec else "position_ids"
-            if kwargs.get(pos_key) is not None:
-                kwargs[pos_key] = kwargs[pos_key] + n
-            return
-        batch = _batch_size(kwargs)
-        if batch is None:
-            return
         emb = self.word_embeddings().weight
         dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
-        frozen = (module.training and torch.is_grad_enabled()) or kwargs.get("use_cache") is False
-        new_cache = build_prefix_cache(self.prefix_keys_values(config, prompt, batch, dtype, encdec), frozen, encdec)
-        for name in CACHE_KWARGS:
-            kwargs.pop(name, None)
-        kwargs[cache_argument(module) or CACHE_KWARGS[0]] = new_cache
-        if mask is not None and mask.dim() == 2:
+        add_prefix_to_call(module, kwargs, config.num_virtual_tokens,
+                           lambda batch, encdec: self.prefix_keys_values(config, prompt, batch, dtype, encdec))
+
+
+def add_prefix_to_call(module: nn.Module, kwargs: dict[str, Any], n: int,
+                       keys_values: Callable[[int, bool], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """Put key/value prefixes of length ``n`` into the arguments of one call of ``module`` (a transformers model), in
+    place: a call with an empty (or no) cache gets a fresh prefix cache built from ``keys_values(batch,
+    encoder_decoder)`` (per layer (key, value), each (batch, kv_heads, n, head_dim)), its attention mask n leading ones
+    and its position ids an offset of n; a call whose cache is filled (a later generation step) only gets its mask and
+    position ids adjusted. Reusable by any method that adds prefixes (e.g. hybrids) from its own forward pre-hook."""
+    encdec = is_encoder_decoder(module)
+    cache = _cache_of(kwargs)
+    past = cached_length(cache)
+    mask_key = "decoder_attention_mask" if encdec else "attention_mask"
+    pos_key = "decoder_position_ids" if encdec else "position_ids"
+    mask = kwargs.get(mask_key)
+    if past > 0:  # a later generation step: the cache starts with the prefix, the mask does not yet
+        new = _input_length(kwargs, decoder=encdec) or 0
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == past + new - n:
             kwargs[mask_key] = _prepend(mask, n)
-        pos_key = "decoder_position_ids" if encdec else "position_ids"
         if kwargs.get(pos_key) is not None:
             kwargs[pos_key] = kwargs[pos_key] + n
+        return
+    batch = _batch_size(kwargs)
+    if batch is None:
+        return
+    frozen = (module.training and torch.is_grad_enabled()) or kwargs.get("use_cache") is False
+    new_cache = build_prefix_cache(keys_values(batch, encdec), frozen, encdec)
+    for name in CACHE_KWARGS:
+        kwargs.pop(name, None)
+    kwargs[cache_argument(module) or CACHE_KWARGS[0]] = new_cache
+    if mask is not None and mask.dim() == 2:
+        kwargs[mask_key] = _prepend(mask, n)
+    if kwargs.get(pos_key) is not None:
+        kwargs[pos_key] = kwargs[pos_key] + n
+
+
+def keep_cache_under_checkpointing(model: nn.Module) -> list[nn.Module]:
+    """transformers drops the cache argument of a checkpointed layer (its recomputation would write the cache a second
+    time) unless the layer says it only reads it. Under training (the only time checkpointing runs) a prefix cache is
+    read-only (``frozen``), so the layers are told so. Returns the layers changed (for undoing)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - old transformers
+        return []
+    changed = []
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and "_can_checkpoint_with_cache" not in vars(module):
+            module._can_checkpoint_with_cache = True
+            changed.append(module)
+    return changed
