@@ -537,6 +537,12 @@ def test_cli_trains_every_prompt_method_on_a_llama_classifier(tiny_llama_classif
     loaded = peftkit.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(model_dir),
                                                str(tmp_path / method))
     assert loaded.get_nb_trainable_parameters()[1] > 0
+    from peftkit.cli.checkpoints import describe_adapter
+
+    info = describe_adapter(str(tmp_path / method))  # what `peftkit inspect` prints
+    assert info["modules_to_save"] == ["score"] and info["adapter_parameters"] > 0
+    if method != "adaption_prompt":
+        assert info["adapted_module_names"] == ["(prompt)"]
 
 
 def test_cli_refuses_llama_adapter_on_bert_clearly(tmp_path, capsys):
