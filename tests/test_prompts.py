@@ -613,3 +613,22 @@ def test_cli_bench_runs_the_prompt_methods(tiny_llama_classifier, tmp_path):
     for name, row in rows.items():
         assert "error" not in row, (name, row.get("error"))
         assert row["trainable_params"] > 0 and row["infer_tokens_per_s_unmerged"] > 0
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix-proj", "ptuning-lstm", "adaption"])
+def test_half_precision_base_keeps_float32_prompts(method):
+    spec = MODELS["llama"]
+    base = spec.build().to(torch.bfloat16)
+    base.generation_config.pad_token_id = 0
+    cfg = adaption(adapter_layers=1) if method == "adaption" else config(peftkit, method, "llama")
+    model = peftkit.get_peft_model(base, cfg).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adaption_gate" in n:
+                p.fill_(0.5)  # a closed gate passes no gradient to the prompt
+    spec.loss(model, spec.inputs(2)).backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=spec.inputs(2)["input_ids"], max_new_tokens=2)
+    assert out.shape == (2, 10)

@@ -164,8 +164,18 @@ def forward_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
         return {}
 
 
+_CACHE_ARGUMENT: dict[type, Optional[str]] = {}  # per model class: the answer does not change (read at every call)
+
+
 def cache_argument(model: nn.Module) -> Optional[str]:
     """The name under which ``model`` takes a KV cache (``cache`` or ``past_key_values``), or None."""
+    cls = type(model)
+    if cls not in _CACHE_ARGUMENT:
+        _CACHE_ARGUMENT[cls] = _find_cache_argument(model)
+    return _CACHE_ARGUMENT[cls]
+
+
+def _find_cache_argument(model: nn.Module) -> Optional[str]:
     params = forward_parameters(model)
     for name in CACHE_KWARGS:
         if name in params:

@@ -28,6 +28,7 @@ from peftkit.engine.config import PeftConfig, PeftType
 from peftkit.engine.layer import AdapterLayer
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel, _check_adapter_name, _get_parent
+from peftkit.methods.common import adapter_dtype
 
 LLAMA, GPT2 = "llama", "gpt2"
 
@@ -96,7 +97,7 @@ class AdaptedAttention(AdapterLayer):
         base = self.get_base_layer()
         hidden = base.config.hidden_size if self.family == LLAMA else base.embed_dim
         w = self._proj().weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        dtype = adapter_dtype(w)  # float32 over a half-precision base (PEFT keeps the base's dtype)
         self.adaption_prompt[adapter_name] = nn.Parameter(
             torch.empty(1, config.adapter_len, hidden, device=w.device, dtype=dtype).normal_())
         self.adaption_gate[adapter_name] = nn.Parameter(torch.zeros(1, device=w.device, dtype=dtype))
