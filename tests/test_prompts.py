@@ -207,7 +207,8 @@ def test_short_training_lowers_the_loss(model_name, method):
     assert losses[-1] < losses[0] - 1e-3, losses
 
 
-GC = [("llama", "prompt"), ("llama", "prefix"), ("llama", "ptuning-mlp"), ("t5", "prefix"), ("t5", "prompt")]
+GC = [("llama", "prompt"), ("llama", "prefix"), ("llama", "prefix-proj"), ("llama", "ptuning-mlp"), ("t5", "prefix-proj"),
+      ("t5", "prompt")]
 
 
 @pytest.mark.parametrize("model_name,method", GC, ids=[f"{m}-{k}" for m, k in GC])
@@ -218,18 +219,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_name, method):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     grads = []
-    for checkpointing in (False, True):
+    for checkpointing in (None, False, True):  # off, non-reentrant, reentrant
         model = copy.deepcopy(base)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
         torch.manual_seed(0)
         peft_model = peftkit.get_peft_model(model, config(peftkit, method, model_name)).train()
         loss = spec.loss(peft_model, spec.inputs(2))
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and grads[0]
     for n in grads[0]:
-        close(grads[1][n], grads[0][n], 1e-5, f"gradient of {n}")
+        close(grads[1][n], grads[0][n], 1e-5, f"gradient of {n} (non-reentrant)")
+        close(grads[2][n], grads[0][n], 1e-5, f"gradient of {n} (reentrant)")
 
 
 def _llama(**kw):

@@ -277,25 +277,20 @@ class _NeverUpdated(dict):
         dict.__setitem__(self, key, False)
 
 
-def split_prefix(prefix: torch.Tensor, num_layers: int, heads: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens, layers * 2 * heads * head_dim) -> per layer (key, value), each (batch, heads, tokens, head_dim).
-    The last index is ((layer * 2 + kv) * heads + head) * head_dim + dim (PEFT's and AdapterHub's layout)."""
-    n = prefix.shape[0]
-    x = prefix.view(n, num_layers * 2, heads, -1).permute(1, 2, 0, 3)  # (layers*2, heads, tokens, head_dim)
-    out = []
-    for layer in range(num_layers):
-        k = x[2 * layer].unsqueeze(0).expand(batch, -1, -1, -1)
-        v = x[2 * layer + 1].unsqueeze(0).expand(batch, -1, -1, -1)
-        out.append((k, v))
-    return out
+def layer_keys_values(chunk: torch.Tensor, heads: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's share of a prefix, (tokens, 2 * heads * head_dim) -> (key, value), each (batch, heads, tokens,
+    head_dim). Within the whole prefix (tokens, layers * 2 * heads * head_dim) the last index is
+    ((layer * 2 + kv) * heads + head) * head_dim + dim (PEFT's and AdapterHub's layout)."""
+    n = chunk.shape[0]
+    x = chunk.reshape(n, 2, heads, -1).permute(1, 2, 0, 3)  # (2, heads, tokens, head_dim)
+    return x[0].unsqueeze(0).expand(batch, -1, -1, -1), x[1].unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-def seq2seq_prefix_layers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Which prefix the decoder layers of an encoder-decoder model get, as in Hugging Face PEFT (for checkpoint
+def seq2seq_prefix_layer(i: int, num_layers: int) -> int:
+    """Which prefix decoder layer ``i`` of an encoder-decoder model gets, as in Hugging Face PEFT (for checkpoint
     parity): PEFT concatenates the prefixes twice and deals them out four tensors per layer, so decoder layer ``i``
     gets prefix ``(2 i) mod layers`` in its self-attention (and its cross-attention ones are dropped)."""
-    n = len(pairs)
-    return [pairs[(2 * i) % n] for i in range(n)]
+    return (2 * i) % num_layers
 
 
 def _ones(batch: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -638,11 +633,15 @@ class PromptLearningModel(AdapterModel):
     def prefix_keys_values(self, config: PromptLearningConfig, prompt: PromptModule, batch: int, dtype: torch.dtype,
                            encoder_decoder: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The per-layer (key, value) prefixes of the active adapter, each (batch, kv_heads, tokens, head_dim)."""
-        value = prompt()
-        if value.shape[0] != config.num_virtual_tokens:
-            value = value[: config.num_virtual_tokens]
-        pairs = split_prefix(value.to(dtype), config.num_layers, config.num_attention_heads, batch)
-        return seq2seq_prefix_layers(pairs) if encoder_decoder else pairs
+        layers = config.num_layers
+        wanted = [seq2seq_prefix_layer(i, layers) if encoder_decoder else i for i in range(layers)]
+        if hasattr(prompt, "layer_prefixes"):  # one graph per layer (see PrefixEncoder)
+            chunks = prompt.layer_prefixes(wanted)
+        else:
+            whole = prompt()
+            width = whole.shape[1] // layers
+            chunks = [whole[:, i * width:(i + 1) * width] for i in wanted]
+        return [layer_keys_values(c.to(dtype), config.num_attention_heads, batch) for c in chunks]
 
     def _add_prefix(self, module: nn.Module, kwargs: dict[str, Any], config: PromptLearningConfig, prompt: PromptModule) -> None:
         emb = self.word_embeddings().weight

@@ -16,10 +16,11 @@ self-attention (PEFT's behaviour). :class:`PrefixEncoder` is reusable as a compo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from peftkit.engine.config import PeftType
 from peftkit.engine.prompting import PREFIX, PromptLearningConfig, PromptLearningModel, PromptModule
@@ -53,12 +54,18 @@ class PrefixTuningConfig(PromptLearningConfig):
 
 
 class PrefixEncoder(PromptModule):
-    """Prefixes for ``num_layers`` layers: (tokens, num_layers * 2 * token_dim), from a table or through the MLP."""
+    """Prefixes for ``num_layers`` layers: (tokens, num_layers * 2 * token_dim), from a table or through the MLP.
+
+    Each layer's share is computed by its own small graph (:meth:`layer_prefixes`; with the MLP, its first layer runs
+    once per attention layer, a (tokens x token_dim x hidden) product): reentrant activation checkpointing runs one
+    backward per layer, and a graph shared by all layers would be freed by the first."""
 
     def __init__(self, tokens: int, token_dim: int, num_layers: int, hidden: int, projection: bool, zero_init: bool = False) -> None:
         out = num_layers * 2 * token_dim
         super().__init__(tokens, token_dim if projection else out)
         self.projection = projection
+        self.num_layers = num_layers
+        self.layer_width = 2 * token_dim
         if projection:
             self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
             if zero_init:
@@ -71,8 +78,20 @@ class PrefixEncoder(PromptModule):
     def is_table(self) -> bool:
         return not self.projection
 
+    def layer_prefixes(self, layers: Sequence[int]) -> list[torch.Tensor]:
+        """The (tokens, 2 * token_dim) shares (keys, then values) of ``layers``, one separately computed tensor per
+        entry (a layer listed twice, as in PEFT's encoder-decoder layout, gets two)."""
+        w = self.layer_width
+        if not self.projection:
+            table = self.embedding.weight
+            return [table[:, i * w:(i + 1) * w] for i in layers]
+        first, act, last = self.transform
+        return [F.linear(act(first(self.embedding.weight)), last.weight[i * w:(i + 1) * w], last.bias[i * w:(i + 1) * w])
+                for i in layers]
+
     def encode(self, table: torch.Tensor) -> torch.Tensor:
-        return self.transform(table)
+        # the saved prefix is the layers' shares side by side, computed as the forward computes them
+        return torch.cat(self.layer_prefixes(range(self.num_layers)), dim=1)
 
 
 PREFIX_TUNING = register_method(
