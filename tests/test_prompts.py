@@ -371,6 +371,11 @@ def test_unsupported_models_and_bad_configs_give_clear_errors():
         peftkit.PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi")
     with pytest.raises(ValueError, match="MLP or LSTM"):
         peftkit.PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="GRU")
+    with pytest.raises(ValueError, match="GPT2LMHeadModel cache 4 key/value heads of size 8"):
+        peftkit.get_peft_model(MODELS["gpt2"].build(), peftkit.PrefixTuningConfig(num_virtual_tokens=3, token_dim=64,
+                                                                                 num_attention_heads=4))
+    with pytest.raises(ValueError, match="num_layers=3, but LlamaForCausalLM has 2"):
+        peftkit.get_peft_model(MODELS["llama"].build(), peftkit.PrefixTuningConfig(num_virtual_tokens=3, num_layers=3))
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
         peftkit.get_peft_model(MODELS["gpt2"].build(), peftkit.PrefixTuningConfig(num_virtual_tokens=3, token_dim=30,
                                                                                  num_attention_heads=4))

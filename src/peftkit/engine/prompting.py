@@ -404,12 +404,35 @@ class PromptLearningModel(AdapterModel):
             config.num_attention_heads = kv_heads
         if config.num_transformer_submodules is None:
             config.num_transformer_submodules = 2 if str(config.task_type) == "SEQ_2_SEQ_LM" else 1
-        if config.prompt_kind == PREFIX and config.token_dim % config.num_attention_heads:
-            raise ValueError(
-                f"{method}: token_dim ({config.token_dim}) must be a multiple of num_attention_heads "
-                f"({config.num_attention_heads}) (token_dim = key/value heads * head size)."
-            )
+        if config.prompt_kind == PREFIX:
+            if config.token_dim % config.num_attention_heads:
+                raise ValueError(
+                    f"{method}: token_dim ({config.token_dim}) must be a multiple of num_attention_heads "
+                    f"({config.num_attention_heads}) (token_dim = key/value heads * head size)."
+                )
+            self._check_prefix_geometry(config, dims, method)
         return config
+
+    def _check_prefix_geometry(self, config: PromptLearningConfig, dims: dict[str, Optional[int]], method: str) -> None:
+        """The prefix must have the shape of what the attention layers cache; otherwise the failure would come from
+        deep inside the attention with no hint of the cause."""
+        cls = type(self.model).__name__
+        heads = dims.get("heads")
+        kv_heads = dims.get("kv_heads") or heads
+        head_dim = dims.get("head_dim") or (dims["hidden"] // heads if dims.get("hidden") and heads else None)
+        given = (config.num_attention_heads, config.token_dim // config.num_attention_heads)
+        if kv_heads and head_dim and given != (kv_heads, head_dim):
+            raise ValueError(
+                f"{method}: the prefix would have {given[0]} heads of size {given[1]} (num_attention_heads="
+                f"{config.num_attention_heads}, token_dim={config.token_dim}), but the attention layers of {cls} cache "
+                f"{kv_heads} key/value heads of size {head_dim}; leave token_dim and num_attention_heads unset, or set "
+                f"num_attention_heads={kv_heads} and token_dim={kv_heads * head_dim}."
+            )
+        layers = _first_attr(model_config(self.model), ("num_decoder_layers",)) if is_encoder_decoder(self.model) else None
+        layers = layers or dims.get("num_layers")
+        if layers and config.num_layers != layers:
+            raise ValueError(f"{method}: num_layers={config.num_layers}, but {cls} has {layers} attention layers that "
+                             "take the prefix; leave num_layers unset.")
 
     def inject_adapter(self, adapter_name: str, config: PromptLearningConfig, loading: bool = False) -> None:
         _check_adapter_name(adapter_name)
