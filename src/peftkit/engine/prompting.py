@@ -164,18 +164,8 @@ def forward_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
         return {}
 
 
-_CACHE_ARGUMENT: dict[type, Optional[str]] = {}  # per model class: the answer does not change (read at every call)
-
-
 def cache_argument(model: nn.Module) -> Optional[str]:
     """The name under which ``model`` takes a KV cache (``cache`` or ``past_key_values``), or None."""
-    cls = type(model)
-    if cls not in _CACHE_ARGUMENT:
-        _CACHE_ARGUMENT[cls] = _find_cache_argument(model)
-    return _CACHE_ARGUMENT[cls]
-
-
-def _find_cache_argument(model: nn.Module) -> Optional[str]:
     params = forward_parameters(model)
     for name in CACHE_KWARGS:
         if name in params:
@@ -481,6 +471,7 @@ class PromptLearningModel(AdapterModel):
 
     def _install_hooks(self) -> None:
         self._remove_hooks()
+        self._cache_name = cache_argument(self.model)  # read once: inspecting the signature at every call is slow
         self._hook_handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         if is_encoder_decoder(self.model) and hasattr(self.model, "get_encoder"):
             encoder = self.model.get_encoder()
@@ -670,11 +661,13 @@ class PromptLearningModel(AdapterModel):
         emb = self.word_embeddings().weight
         dtype = emb.dtype if emb.dtype.is_floating_point else torch.float32
         add_prefix_to_call(module, kwargs, config.num_virtual_tokens,
-                           lambda batch, encdec: self.prefix_keys_values(config, prompt, batch, dtype, encdec))
+                           lambda batch, encdec: self.prefix_keys_values(config, prompt, batch, dtype, encdec),
+                           cache_name=self._cache_name)
 
 
 def add_prefix_to_call(module: nn.Module, kwargs: dict[str, Any], n: int,
-                       keys_values: Callable[[int, bool], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+                       keys_values: Callable[[int, bool], list[tuple[torch.Tensor, torch.Tensor]]],
+                       cache_name: Optional[str] = None) -> None:
     """Put key/value prefixes of length ``n`` into the arguments of one call of ``module`` (a transformers model), in
     place: a call with an empty (or no) cache gets a fresh prefix cache built from ``keys_values(batch,
     encoder_decoder)`` (per layer (key, value), each (batch, kv_heads, n, head_dim)), its attention mask n leading ones
@@ -700,7 +693,7 @@ def add_prefix_to_call(module: nn.Module, kwargs: dict[str, Any], n: int,
     new_cache = build_prefix_cache(keys_values(batch, encdec), frozen, encdec)
     for name in CACHE_KWARGS:
         kwargs.pop(name, None)
-    kwargs[cache_argument(module) or CACHE_KWARGS[0]] = new_cache
+    kwargs[cache_name or cache_argument(module) or CACHE_KWARGS[0]] = new_cache
     if mask is not None and mask.dim() == 2:
         kwargs[mask_key] = _prepend(mask, n)
     if kwargs.get(pos_key) is not None:
