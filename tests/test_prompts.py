@@ -639,3 +639,30 @@ def test_half_precision_base_keeps_float32_prompts(method):
     with torch.no_grad():
         out = model.eval().generate(input_ids=spec.inputs(2)["input_ids"], max_new_tokens=2)
     assert out.shape == (2, 10)
+
+
+def test_prefix_component_composes_with_a_layer_method():
+    """What a hybrid (MAM, UniPELT) does: its own PrefixEncoder put into the calls of a LoRA model by
+    add_prefix_to_call. Equals prefix tuning on the LoRA-merged model with the same prefix."""
+    from peftkit.engine.prompting import add_prefix_to_call, layer_keys_values
+
+    base = MODELS["llama"].build()
+    lora = peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                          init_lora_weights=False)).eval()
+    prefix = peftkit.get_peft_model(copy.deepcopy(lora).merge_and_unload(), config(peftkit, "prefix-proj", "llama")).eval()
+    noise(prefix)
+    enc = prefix.base_model.prompt_encoder["default"]
+    cfg = prefix.peft_config["default"]
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        add_prefix_to_call(module, kwargs, cfg.num_virtual_tokens, lambda batch, _: [
+            layer_keys_values(c, cfg.num_attention_heads, batch) for c in enc.layer_prefixes(range(cfg.num_layers))])
+        return args, kwargs
+
+    handle = lora.get_base_model().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        kw = inputs("llama")
+        close(run("llama", lora, kw), run("llama", prefix, kw), 1e-5, "LoRA + prefix component")
+    finally:
+        handle.remove()
