@@ -21,6 +21,10 @@ activation checkpointing recomputes the same thing. During training (grad enable
 ``use_cache=False`` the prefix cache does not store the real tokens' keys and values, so a recomputed layer sees the
 same prefix again instead of a grown cache.
 
+Reusable parts for methods that combine a prefix with layer adapters (MAM, UniPELT): :func:`add_prefix_to_call`
+(the cache logic of one call, from any forward pre-hook), :func:`layer_keys_values`, :func:`build_prefix_cache`,
+:func:`keep_cache_under_checkpointing`, and ``PrefixEncoder`` (``methods/prompts/prefix_tuning.py``).
+
 Checkpoints use Hugging Face PEFT's layout: one tensor ``prompt_embeddings`` (the prompt as the model uses it, i.e.
 after any reparameterisation network) plus the ``modules_to_save`` copies under ``base_model.<path>``. Loading a
 checkpoint gives the prompt as a plain table (the reparameterisation network is not saved, as in PEFT), which is also
