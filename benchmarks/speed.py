@@ -49,6 +49,9 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
     "ia3": ("IA3", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), {}),
     "ln-tuning": ("LN_TUNING", dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"]), {}),
     "prompt-tuning-20": ("PROMPT_TUNING", dict(num_virtual_tokens=20), {}),
+    "prefix-tuning-30": ("PREFIX_TUNING", dict(num_virtual_tokens=30, prefix_projection=True, encoder_hidden_size=512), {}),
+    "p-tuning-20": ("P_TUNING", dict(num_virtual_tokens=20, encoder_hidden_size=256), {}),
+    "llama-adapter-10": ("ADAPTION_PROMPT", dict(adapter_len=10, adapter_layers=4), {}),
     "miss-all": ("MISS", dict(target_modules=ALL_LINEAR), {}),
     # sub-layer adapters (AdapterHub's presets; Hugging Face PEFT has none, so only ours vs the limit)
     "seq_bn": ("SEQ_BN", dict(), {}),

@@ -20,6 +20,11 @@ from peftkit.methods.adapters.compacter import CompacterConfig, CompacterPlusPlu
 from peftkit.methods.adapters.ia3 import IA3Config, IA3Model
 from peftkit.methods.adapters.ln_tuning import LNTuningConfig, LNTuningModel
 from peftkit.methods.adapters.bitfit import BitFitConfig, BitFitModel
+from peftkit.methods.prompts.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from peftkit.methods.prompts.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from peftkit.methods.prompts.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from peftkit.methods.prompts.llama_adapter import AdaptionPromptConfig, AdaptionPromptModel
+from peftkit.engine.prompting import PromptLearningConfig, PromptLearningModel
 from peftkit.engine.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -42,6 +47,8 @@ __all__ = [
     "ParBnConfig",
     "SeqBnConfig",
     "AdaLoraCallback",
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
     "AdaLoraConfig",
     "AdaLoraModel",
     "attach_to_optimizer",
@@ -64,6 +71,14 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptLearningModel",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "XLoraConfig",
     "IA3Config",

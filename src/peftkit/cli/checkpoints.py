@@ -85,6 +85,11 @@ def describe_adapter(folder: str) -> dict[str, Any]:
         for s in shape:
             numel *= s
         dtypes[dtype] += numel
+        if key == "prompt_embeddings":  # prompt-learning methods: the whole prompt is one tensor
+            modules["(prompt)"] = numel
+            continue
+        if not key.startswith(CHECKPOINT_PREFIX) and key.startswith("base_model."):  # their modules_to_save copies
+            key = CHECKPOINT_PREFIX + key[len("base_model."):]
         parts = (key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else key).split(".")
         idx = next((i for i, p in enumerate(parts) if prefix and p.startswith(prefix)), None)
         if idx is None:  # a modules_to_save copy or a trained bias: stored under the plain module path

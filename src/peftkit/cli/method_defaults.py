@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch.nn as nn
 
-from peftkit.engine.config import PeftConfig, TaskType
+from peftkit.engine.config import PeftConfig, TargetedConfig, TaskType
 from peftkit.engine.registry import get_method, supported_methods
 
 FULL = "full"
@@ -40,6 +40,16 @@ METHOD_OVERRIDES: dict[str, Union[dict[str, Any], Callable[[int], dict[str, Any]
     "LORA": {"r": 8, "lora_alpha": 16},
     "ADALORA": lambda steps: {"init_r": 12, "target_r": 8, "lora_alpha": 16, "total_step": max(steps, 3),
                               "tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 20)},
+    # the survey's prefix-tuning setting: 30 tokens, reparameterised by an MLP of width 512
+    "PREFIX_TUNING": {"num_virtual_tokens": 30, "prefix_projection": True, "encoder_hidden_size": 512},
+    "P_TUNING": {"num_virtual_tokens": 20, "encoder_hidden_size": 128},
+    # Llama-Adapter's paper: 10 prompt vectors (in its top 30 of 32 layers; here every layer unless set)
+    "ADAPTION_PROMPT": {"adapter_len": 10},
+}
+
+# Methods that only adapt some architectures, with what they need (skipped by the CLI's all-methods runs on BERT).
+ARCHITECTURE_SPECIFIC = {
+    "ADAPTION_PROMPT": "Llama-style (q_proj/k_proj/v_proj/o_proj) or GPT-2 (c_attn) attention, e.g. a Llama classifier",
 }
 
 # Learning rates used when --lr is not given (the survey swept {1e-3, 1e-4, 1e-5}; one value per family here).
@@ -210,14 +220,19 @@ def build_method_config(
     if method in NEEDS_INPUT and not user:
         raise UsageError(f"--method {method.lower()}: {NEEDS_INPUT[method]}")
     kwargs: dict[str, Any] = {k: v for k, v in method_overrides(method, total_steps).items() if k in names}
-    if "target_modules" in names and "target_modules" not in user and method not in OWN_DEFAULT_TARGETS:
+    if ("target_modules" in names and "target_modules" not in user and method not in OWN_DEFAULT_TARGETS
+            and issubclass(cls, TargetedConfig)):
         targets = attention_targets(model)
         if not targets:
             raise UsageError(f"Could not find attention projections in {type(model).__name__} to adapt; pass "
                              "--method-option target_modules=NAME1,NAME2 (or target_modules=all-linear).")
         kwargs["target_modules"] = targets
     if "num_virtual_tokens" in names and "num_virtual_tokens" not in user:
-        kwargs["num_virtual_tokens"] = 20
+        kwargs.setdefault("num_virtual_tokens", 20)
+    if "adapter_layers" in names and "adapter_layers" not in user:
+        layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if layers:
+            kwargs["adapter_layers"] = layers
     if "total_step" in names and "total_step" not in user and kwargs.get("total_step") is None:
         kwargs["total_step"] = max(total_steps, 3)
     kwargs.update(user)

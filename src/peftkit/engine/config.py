@@ -38,6 +38,7 @@ class PeftType(str, enum.Enum):
     BITFIT = "BITFIT"
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
     BOTTLENECK = "BOTTLENECK"  # AdapterHub's bottleneck family: SeqBn, DoubleSeqBn, ParBn, Compacter(++)
 

@@ -61,7 +61,8 @@ def get_adapter_state_dict(model: "AdapterModel", adapter_name: str) -> dict[str
     """The tensors of one adapter, keyed as in a PEFT checkpoint."""
     tensors = {k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
     tensors = model.adapter_tensors_to_save(adapter_name, tensors)
-    out = {CHECKPOINT_PREFIX + k: v for k, v in tensors.items()}
+    prefix = getattr(type(model), "checkpoint_prefix", CHECKPOINT_PREFIX)
+    out = {prefix + k: v for k, v in tensors.items()}
     out.update({k: v.detach() for k, v in model.engine_adapter_tensors(adapter_name).items()})
     return out
 
@@ -98,6 +99,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
     """
     targets = adapter_parameter_map(model, adapter_name)
     engine = model.engine_adapter_tensors(adapter_name)  # full checkpoint keys
+    prefix = getattr(type(model), "checkpoint_prefix", CHECKPOINT_PREFIX)
     base_embeddings: dict[str, torch.Tensor] = {}
     plan = []
     unexpected = []
@@ -105,7 +107,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
         if key in engine:
             short, targets_for_key = key, engine
         else:
-            short = key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else key
+            short = key[len(prefix):] if key.startswith(prefix) else key
             targets_for_key = targets
         if short not in targets_for_key:
             if not base_embeddings:
@@ -131,7 +133,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
         plan.append((live, value))
     if not plan:
         sample = ", ".join(list(state_dict)[:3])
-        expected = ", ".join(CHECKPOINT_PREFIX + k for k in list(targets)[:3])
+        expected = ", ".join([prefix + k for k in list(targets)[:3]] + list(engine)[:3])
         raise ValueError(
             f"No tensor of the checkpoint fits the model (checkpoint keys look like {sample}; the model expects "
             f"keys like {expected}). Is this adapter for another base model?"
@@ -143,7 +145,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
             "model.to_empty(device='cpu') and load its base weights, then load the adapter."
         )
     loaded = {id(live) for live, _ in plan}
-    missing = [CHECKPOINT_PREFIX + k for k, t in targets.items() if id(t) not in loaded]
+    missing = [prefix + k for k, t in targets.items() if id(t) not in loaded]
     missing += [k for k, t in engine.items() if id(t) not in loaded]
     if unexpected:
         logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(unexpected[:10]))

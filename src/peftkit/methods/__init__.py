@@ -14,3 +14,7 @@ from peftkit.methods.adapters import compacter  # noqa: F401
 from peftkit.methods.adapters import ia3  # noqa: F401
 from peftkit.methods.adapters import ln_tuning  # noqa: F401
 from peftkit.methods.adapters import bitfit  # noqa: F401
+from peftkit.methods.prompts import prompt_tuning  # noqa: F401
+from peftkit.methods.prompts import prefix_tuning  # noqa: F401
+from peftkit.methods.prompts import p_tuning  # noqa: F401
+from peftkit.methods.prompts import llama_adapter  # noqa: F401
