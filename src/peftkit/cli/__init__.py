@@ -24,7 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the head's init and the shuffling")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded and trained in")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (None: torch's choice; 1 is faster on a machine shared with other jobs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
