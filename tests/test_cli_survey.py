@@ -181,3 +181,9 @@ def test_isolated_worker(tiny, tmp_path):
     assert main(argv) == 0
     r = json.loads((tmp_path / "results.json").read_text())["rows"][0]
     assert r["status"] == "ok" and r["memory_isolated"] is True and r["sweep"][0]["lr"] == 1e-3
+
+
+def test_survey_options_need_the_suite(tiny, capsys):
+    model_dir, data = tiny
+    assert main(["bench", "--model", model_dir, "--data", data, "--seeds", "5", "--in-process"]) == 2
+    assert "--seeds belongs to the survey protocol: add --suite survey" in capsys.readouterr().err

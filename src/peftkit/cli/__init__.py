@@ -133,6 +133,13 @@ def _train(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from peftkit.cli.bench import BenchArgs, run_bench
 
+    survey_only = {"lrs": "1e-3,1e-4,1e-5", "seeds": 3, "epochs": 3.0, "min_steps": 100, "val_size": 0.2,
+                   "microbatch": None, "fresh": False}
+    if args.suite is None:
+        used = [k for k, v in survey_only.items() if getattr(args, k) != v]
+        if used:
+            raise UsageError(f"--{used[0].replace('_', '-')} belongs to the survey protocol: add --suite survey "
+                             "(plain peftkit bench trains every method for --steps steps).")
     if args.suite == "survey":
         from peftkit.cli.survey import SurveyArgs, run_survey
 
