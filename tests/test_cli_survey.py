@@ -157,8 +157,8 @@ def test_resume_reuses_finished_runs(suite, tiny, monkeypatch, capsys):
     assert "runs 9 done / 7 left" in capsys.readouterr().out  # full, lora_qv and krona at 1e-3 reused
     # a different setup does not reuse them
     calls.clear()
-    assert main(_argv(tiny, out, "--methods", "lora_qv", "--seeds", "1", "--min-steps", "5")) == 0
-    assert calls == ["lora_qv"] * 3
+    assert main(_argv(tiny, out, "--methods", "lora_qv", "--lrs", "1e-3", "--seeds", "1", "--min-steps", "5")) == 0
+    assert calls == ["lora_qv"]
 
 
 def test_options_checked_before_any_run(tiny, tmp_path, monkeypatch, capsys):

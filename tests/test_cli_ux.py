@@ -18,7 +18,7 @@ from peftkit import PeftModel, get_peft_model
 from peftkit.cli import build_parser, main
 from peftkit.cli.method_defaults import UsageError, suggest_fields, validate_method_options
 from peftkit.cli.train import TrainStats, _epoch_plan, data_warnings, result_warnings
-from test_cli import _load_tiny, _train, one_thread, tiny  # noqa: F401  (fixtures)
+from test_cli import _load_tiny, _train, lora_run, one_thread, tiny  # noqa: F401  (fixtures)
 
 
 # ------------------------------------------------------------------------------- options checked before any work
@@ -229,3 +229,10 @@ def test_merge_errors_name_merge_and_the_path(tmp_path, capsys):
     assert "inspect" not in err
     assert main(["inspect", "/nonexistent"]) == 2
     assert "peftkit inspect" in capsys.readouterr().err
+
+
+def test_merge_names_a_missing_base_folder(lora_run, tmp_path, capsys):
+    out, _ = lora_run
+    assert main(["merge", "/nonexistent-base", str(out), str(tmp_path / "m")]) == 2
+    assert "the base model folder /nonexistent-base does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
