@@ -21,7 +21,7 @@ def test_default_train_beats_the_untrained_head(tmp_path, capsys):
     from peftkit import PeftModel
     from peftkit.cli import main
     from peftkit.cli.data import Batches, load_text_dataset, split_dataset
-    from peftkit.cli.train import accuracy, default_model_path, load_classifier
+    from peftkit.cli.train import DEFAULT_MODEL_ID, accuracy, load_classifier
 
     out = tmp_path / "lora"
     assert main(["train", "--no-progress", "--out", str(out)]) == 0
@@ -35,7 +35,7 @@ def test_default_train_beats_the_untrained_head(tmp_path, capsys):
     assert f"accuracy after training: {res['accuracy_after']:.4f}" in printed
     # The adapter on disk is a PEFT-layout LoRA checkpoint for the same base.
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == default_model_path()
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == DEFAULT_MODEL_ID
     # ... and reloads onto a fresh base to the accuracy that was printed.
     model, tokenizer, _ = load_classifier(None, num_labels=2)
     model = PeftModel.from_pretrained(model, str(out))

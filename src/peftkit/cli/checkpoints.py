@@ -36,9 +36,11 @@ def _tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in state.items()}
 
 
-def _adapter_dirs(path: str) -> dict[str, str]:
+def _adapter_dirs(path: str, usage: str = "peftkit inspect ADAPTER_FOLDER") -> dict[str, str]:
     if not os.path.isdir(path):
-        raise UsageError(f"{path} is not a folder; inspect takes an adapter folder (adapter_config.json + weights).")
+        what = "does not exist" if not os.path.exists(path) else "is not a folder"
+        raise UsageError(f"the adapter folder {path} {what}; {usage} takes a folder with {CONFIG_NAME} and "
+                         f"{SAFETENSORS_NAME} (what peftkit train --out or save_pretrained writes).")
     found = {}
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         found["default"] = path
@@ -213,9 +215,9 @@ def load_base_for_adapter(base: str, adapter: str) -> tuple[Any, Optional[Any]]:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     config = PeftConfig.from_pretrained(adapter)
-    if base in ("default", "all-MiniLM-L6-v2"):
-        from peftkit.cli.train import default_model_path
+    from peftkit.cli.train import DEFAULT_MODEL_NAMES, default_model_path
 
+    if base in DEFAULT_MODEL_NAMES:  # the embedded copy (also for the hub id peftkit train records)
         base = default_model_path()
     auto = getattr(transformers, _TASK_TO_AUTO.get(str(config.task_type), "AutoModel"))
     kwargs: dict[str, Any] = {"local_files_only": os.path.isdir(base)}
@@ -244,7 +246,10 @@ def merge_adapter_folder(base: str, adapter: str, out: str, dtype: Optional[str]
 
     from peftkit.engine.peft_model import PeftModel
 
-    _adapter_dirs(adapter)
+    _adapter_dirs(adapter, "peftkit merge BASE ADAPTER OUT: ADAPTER")
+    if not os.path.isdir(base) and (base.startswith((".", "/", "~")) or os.path.isabs(base)):
+        raise UsageError(f"the base model folder {base} does not exist; peftkit merge BASE ADAPTER OUT: BASE is a "
+                         "transformers folder, a hub id, or 'default' (the embedded all-MiniLM-L6-v2).")
     model, tokenizer = load_base_for_adapter(base, adapter)
     peft_model = PeftModel.from_pretrained(model, adapter)
     if not peft_model.base_model.method.supports_merge:

