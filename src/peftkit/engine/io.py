@@ -37,13 +37,30 @@ def _atomic_replace(path: Union[str, os.PathLike], write: Any) -> None:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # writers may create their own file (safetensors: mode 0600)
         _fsync_path(tmp)
+        _step("file-written")
         os.replace(tmp, path)
         _fsync_path(directory)
+        _step("file-replaced")
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
@@ -356,6 +373,7 @@ def replace_folder(
             if os.path.isdir(path):
                 shutil.copymode(path, stage)
                 _carry_over(path, stage, replaced)
+                _step("carried")
             write(stage)
             _fsync_tree(stage)
             _step("staged")
