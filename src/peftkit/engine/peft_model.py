@@ -377,6 +377,7 @@ class PeftModel(nn.Module):
         if isinstance(model, PeftModel):
             raise ValueError("The model already is a PeftModel; use model.load_adapter(path, adapter_name) to add one.")
         _check_adapter_name(adapter_name)
+        _refuse_foreign_adapters(model)
         config, weights = _read_adapter(model_id, subfolder, config, hub_kwargs)
         config.inference_mode = not is_trainable
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from peftkit.engine.config import PeftType
-from peftkit.engine.validation import SCALE_LIMIT, Rule
+from peftkit.engine.validation import SCALE_LIMIT, ConfigTypeError, Rule
 from peftkit.engine.layer import innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.lycoris import lycoris_ops as ops
@@ -90,7 +90,7 @@ class KronAConfig(LoKrConfig):
 
     def __post_init__(self) -> None:
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-            raise TypeError(f"KronAConfig.scale must be a finite number, got {self.scale!r} ({type(self.scale).__name__}).")
+            raise ConfigTypeError(f"KronAConfig.scale must be a finite number, got {self.scale!r} ({type(self.scale).__name__}).")
         if not math.isfinite(self.scale):
             raise ValueError(f"KronAConfig.scale must be a finite number, got {self.scale!r}.")
         if self.decompose_both:
