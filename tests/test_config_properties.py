@@ -193,7 +193,7 @@ def test_any_field_value_is_refused_or_round_trips(config_cls):
 @pytest.mark.slow
 @pytest.mark.parametrize("config_cls", MODEL_CLASSES, ids=lambda c: c.__name__)
 def test_any_field_value_is_refused_or_round_trips_many(config_cls):
-    @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(_perturbation(config_cls))
     def run(perturb):
         _check(config_cls, perturb)

@@ -79,7 +79,7 @@ def _describe(ann: Any) -> str:
     if origin is Union:
         parts = [_describe(a) for a in typing.get_args(ann) if a is not type(None)]
         text = " or ".join(dict.fromkeys(parts))
-        return text + (" or None" if type(None) in typing.get_args(ann) else "")
+        return text + (", or None" if type(None) in typing.get_args(ann) else "")
     if origin in (list, tuple, set, frozenset) or ann in (list, tuple, set):
         args = typing.get_args(ann)
         return f"a list of {_plural(args[0])}" if args else "a list"

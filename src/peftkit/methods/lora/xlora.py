@@ -72,7 +72,7 @@ class XLoraConfig(PeftConfig):
     global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every expert's output."})
 
     field_rules: ClassVar[dict[str, Rule]] = {
-        "adapters": Rule(type=Optional[dict]), "hidden_size": Rule(min=1), "xlora_depth": Rule(min=1),
+        "adapters": Rule(type=Optional[dict[str, Union[str, os.PathLike]]]), "hidden_size": Rule(min=1), "xlora_depth": Rule(min=1),
         "xlora_size": Rule(min=1), "xlora_dropout_p": Rule(min=0.0, max=1.0, max_open=True),
         "softmax_temperature": Rule(min=0.0, min_open=True), "top_k_lora": Rule(min=1),
         "scaling_pass_value": Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT),
