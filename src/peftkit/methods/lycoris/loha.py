@@ -60,7 +60,7 @@ class LycorisSharedConfig(TargetedConfig):
     # Checked by peftkit.engine.validation before the model is touched (types come from the annotations).
     field_rules: ClassVar[dict[str, Rule]] = {
         "r": Rule(min=1),
-        "alpha": Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT),
+        "alpha": Rule(),  # finite; bounded relative to r in _validate_shared (KronA writes alpha = scale * 2**16)
         "rank_dropout": Rule(min=0.0, max=1.0, max_open=True),
         "module_dropout": Rule(min=0.0, max=1.0),
         "rank_pattern": Rule(regex_keys=True, each=Rule(min=1)),
@@ -74,6 +74,11 @@ class LycorisSharedConfig(TargetedConfig):
         for key, value in (self.rank_pattern or {}).items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}.")
+        if abs(self.alpha) / self.r > SCALE_LIMIT:
+            raise ValueError(
+                f"{name}.alpha={self.alpha!r} gives a scaling alpha / r = {self.alpha / self.r:g}; its magnitude must be "
+                f"at most {SCALE_LIMIT:g} (larger ones overflow the adapter's output)."
+            )
         if not 0.0 <= float(self.rank_dropout) < 1.0:
             raise ValueError(f"{name}.rank_dropout must be in [0, 1), got {self.rank_dropout!r}.")
         if not 0.0 <= float(self.module_dropout) <= 1.0:
