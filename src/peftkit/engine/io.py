@@ -274,8 +274,11 @@ def folder_lock(directory: Union[str, os.PathLike], shared: bool = False) -> Ite
         return
     _, parent, base = _split(directory)
     lock_path = os.path.join(parent, f".{base}{_LOCK_SUFFIX}")
+    if shared and not os.path.exists(lock_path):
+        yield  # no peftkit save ever ran here: nothing to wait for (and a reader creates no files)
+        return
     try:
-        fd = os.open(lock_path, os.O_RDONLY if shared and os.path.exists(lock_path) else os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock_path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
         if shared:
             yield
@@ -464,13 +467,17 @@ def read_checkpoint(
     waiting for any peftkit save of that folder to finish; if it still does not match, the folder is mixed (a save
     by some program was interrupted, or one file was replaced) and a ValueError says so.
     """
-    local = os.path.isdir(os.fspath(name_or_path))
-    if not local:
-        _, parent, base = _split(name_or_path)
-        local = bool(_siblings(parent, base, _OLD_TAG))  # a crash between the two renames of a fallback save
+    # Folders whose saves may swap this adapter: its own, and the one above (a sub-folder adapter is saved, and
+    # swapped, with the folder that holds it).
+    root = os.fspath(name_or_path)
+    own = _split(os.path.join(root, subfolder) if subfolder else root)[0]
+    folders = list(dict.fromkeys([own, os.path.dirname(own)]))
+    local = os.path.isdir(own) or any(_siblings(*os.path.split(f), _OLD_TAG) for f in folders)
     for attempt in range(2):
-        guard = folder_lock(name_or_path, shared=True) if (attempt and local) else contextlib.nullcontext()
-        with guard:
+        with contextlib.ExitStack() as guard:
+            if attempt and local:
+                for held in folders:
+                    guard.enter_context(folder_lock(held, shared=True))
             try:
                 config_path = resolve_file(name_or_path, CONFIG_FILE_NAME, subfolder=subfolder, **hub_kwargs) if read_config else None
                 data = read_config_file(config_path) if config_path else None
@@ -483,7 +490,9 @@ def read_checkpoint(
             except (FileNotFoundError, ValueError):
                 if attempt or not local:
                     raise
-                recover_folder(name_or_path) if _can_write(name_or_path) else None
+                for f in folders:  # a crash between the two renames of a fallback save: put the old folder back
+                    if _can_write(f):
+                        recover_folder(f)
                 continue
             recorded = metadata.get(CONFIG_DIGEST_KEY)
             if data is None or recorded is None or recorded == config_digest(data):
