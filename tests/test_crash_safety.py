@@ -309,3 +309,17 @@ def test_save_keeps_other_files_and_folders_and_writes_no_temp_files(tmp_path, g
     assert (path / "other" / "adapter_config.json").exists()  # an adapter not saved this time is kept
     assert not (path / "adapter_model.bin").exists()
     assert sorted(os.listdir(tmp_path)) == [".adapter.peftkit-lock", "adapter"]
+
+
+def test_a_folder_whose_parent_is_read_only_is_saved_in_place(tmp_path, generations, monkeypatch):
+    """No sibling can be created next to the folder: the save writes file by file (each atomically) instead of
+    failing, and the result loads."""
+    models, expected = generations
+    path = str(tmp_path / "adapter")
+    models[0].save_pretrained(path)
+    inode = os.stat(path).st_ino
+    monkeypatch.setattr(io, "_parent_writable", lambda p: False)
+    models[4].save_pretrained(path)
+    assert os.stat(path).st_ino == inode  # the same folder, written in place
+    assert _generation_of(path, expected) == 4
+    assert _leftovers(path) == [] and not [n for n in os.listdir(path) if n.startswith(".tmp-")]

@@ -279,11 +279,9 @@ def folder_lock(directory: Union[str, os.PathLike], shared: bool = False) -> Ite
         return
     try:
         fd = os.open(lock_path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        if shared:
-            yield
-            return
-        raise
+    except OSError:  # e.g. a folder the user may write into, inside one they may not
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
@@ -335,8 +333,9 @@ def _carry_over(src: str, dst: str, skip: Callable[[str], bool], rel: str = "") 
 
 
 def _in_place_only(path: str) -> bool:
-    """Folders that cannot be renamed: mount points, and the working directory (or one holding it)."""
-    if os.path.ismount(path):
+    """Folders that cannot be renamed: mount points, the working directory (or one holding it), and folders in a
+    parent folder this process may not write to (no sibling can be created there)."""
+    if os.path.ismount(path) or not _parent_writable(path):
         return True
     try:
         cwd = os.path.realpath(os.getcwd())
@@ -503,6 +502,10 @@ def read_checkpoint(
         "Save the adapter again. If you changed the config on purpose, pass config=PeftConfig.from_pretrained(...) "
         "explicitly to load these weights with it."
     )
+
+
+def _parent_writable(path: str) -> bool:
+    return os.access(os.path.dirname(path), os.W_OK)
 
 
 def _can_write(path: Union[str, os.PathLike]) -> bool:
