@@ -102,6 +102,9 @@ class PeftConfig:
             except ValueError:
                 valid = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"Unknown task_type {self.task_type!r}; use one of: {valid}.") from None
+        from peftkit.engine.validation import validate_config
+
+        validate_config(self)  # every field's type and range, named, before any method-specific check
 
     # ----------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -153,8 +156,17 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path: Union[str, os.PathLike]) -> "PeftConfig":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        from peftkit.engine.io import read_config_file
+
+        return cls.from_file_data(read_config_file(path), path)
+
+    @classmethod
+    def from_file_data(cls, data: dict[str, Any], path: Union[str, os.PathLike]) -> "PeftConfig":
+        """:meth:`from_dict` of the parsed file ``path``; a bad value gets an error that names the file too."""
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{os.fspath(path)}: {exc}") from exc
 
     @classmethod
     def from_pretrained(
@@ -164,6 +176,17 @@ class PeftConfig:
 
         path = resolve_file(name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         return cls.from_json_file(path)
+
+
+def _targeted_rules() -> dict[str, Any]:
+    from peftkit.engine.validation import Rule
+
+    return {
+        "target_modules": Rule(regex=True),
+        "exclude_modules": Rule(regex=True),
+        "layers_pattern": Rule(regex=True, each=Rule(regex=True)),
+        "layers_to_transform": Rule(min=0, each=Rule(min=0)),
+    }
 
 
 def _json_default(value: Any) -> Any:
@@ -200,6 +223,9 @@ class TargetedConfig(PeftConfig):
         default=None, metadata={"help": "Modules (e.g. a classifier head) trained in full and saved with the adapter."}
     )
 
+    # Range rules of the checks in peftkit.engine.validation (types come from the annotations).
+    field_rules: ClassVar[dict[str, Any]] = {}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.target_modules, (set, tuple)):
@@ -217,3 +243,6 @@ class TargetedConfig(PeftConfig):
             )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+
+
+TargetedConfig.field_rules = _targeted_rules()

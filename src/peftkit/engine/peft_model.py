@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -11,9 +12,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from peftkit.engine.config import PeftConfig, TaskType
-from peftkit.engine.io import SAFETENSORS_NAME, load_tensors, resolve_weights_file, save_tensors
-from peftkit.engine.layer import BASE_ADAPTER, mixed_batch
+from peftkit.engine.config import PeftConfig, TaskType, _json_default
+from peftkit.engine.io import SAFETENSORS_NAME, atomic_write_text, read_checkpoint, save_tensors
+from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, mixed_batch
 from peftkit.engine.registry import method_for_config
 from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
 from peftkit.engine.tuner import AdapterModel
@@ -74,6 +75,35 @@ class _Forward:
         return forward
 
 
+def _refuse_foreign_adapters(model: nn.Module) -> None:
+    """A model whose layers already hold adapters belongs to another PeftModel: wrapping it again would make the
+    two share (and switch each other's) layers."""
+    for path, module in model.named_modules():
+        held = module.adapter_configs if isinstance(module, AdapterLayer) else (
+            module.modules_to_save if isinstance(module, ModulesToSaveWrapper) else None)
+        if held is None:
+            continue
+        first = next(iter(held), None)
+        what = f"an adapter named {first!r}" if len(held) == 1 else (
+            f"adapters {', '.join(repr(n) for n in held)}" if held else "an adapter layer (its adapters were deleted)")
+        raise ValueError(
+            f"{path or 'The model'} already holds {what} that another PeftModel manages (was get_peft_model called "
+            "twice on the same model?). Add the new adapter to the first PeftModel with add_adapter(name, config), "
+            "or call unload() / merge_and_unload() on it first."
+        )
+
+
+def _batch_rows(args: tuple, kwargs: dict) -> Optional[int]:
+    """The batch size of a generate() call, from its first tensor input."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features", "attention_mask"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+        return int(args[0].shape[0])
+    return None
+
+
 def _adapter_model_for(model: nn.Module, config: PeftConfig, adapter_name: str, loading: bool) -> AdapterModel:
     spec = method_for_config(config)
     cls = spec.model_cls or AdapterModel
@@ -97,6 +127,7 @@ class PeftModel(nn.Module):
                 getattr(model, "config", None), "_name_or_path", None
             ) or None
         self._prepare_config(model, peft_config)
+        _refuse_foreign_adapters(model)
         self.base_model = _adapter_model_for(model, peft_config, adapter_name, _loading)
 
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> None:
@@ -125,6 +156,10 @@ class PeftModel(nn.Module):
 
     @property
     def peft_type(self) -> str:
+        if not self.peft_config:
+            from peftkit.engine.tuner import NO_ADAPTERS_MESSAGE
+
+            raise ValueError(NO_ADAPTERS_MESSAGE)
         return str(next(iter(self.peft_config.values())).peft_type)
 
     def get_base_model(self) -> nn.Module:
@@ -133,6 +168,8 @@ class PeftModel(nn.Module):
     def _check_adapter_names(self, adapter_names: Optional[Sequence[str]]) -> None:
         if adapter_names is None:
             return
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list with one adapter name per row, got the string {adapter_names!r}.")
         if not self.base_model.method.supports_mixed_batch:
             raise ValueError(f"{self.peft_type} does not support adapter_names= (one adapter per row).")
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
@@ -155,6 +192,12 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         self._check_adapter_names(adapter_names)
+        rows = _batch_rows(args, kwargs) if adapter_names is not None else None
+        if rows is not None and len(adapter_names) != rows:  # type: ignore[arg-type]
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {rows} rows; give one adapter "  # type: ignore[arg-type]
+                "name per input row (beams and num_return_sequences are handled for you)."
+            )
         with mixed_batch(self.base_model.model, adapter_names, expandable=True):
             return self.base_model.model.generate(*args, **kwargs)
 
@@ -227,18 +270,33 @@ class PeftModel(nn.Module):
         **_: Any,
     ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` per adapter ("default" in the folder's
-        root, any other in a sub-folder of its name). Each file is written atomically.
+        root, any other in a sub-folder of its name).
+
+        The folder is replaced as a whole (see :func:`peftkit.engine.io.replace_folder`): after a crash it holds
+        the complete old or the complete new adapters, never a mix; other files in it are kept. Everything is
+        checked before anything is written, and saving no tensors never replaces a saved adapter.
 
         ``format="adapterhub"`` writes AdapterHub's folder layout instead (bottleneck adapters), which ``adapters``
         loads with ``load_adapter``."""
+        from peftkit.engine.config import CONFIG_NAME
+        from peftkit.engine.io import CONFIG_DIGEST_KEY, LEGACY_WEIGHTS_NAME, config_digest, replace_folder
+        from peftkit.engine.tuner import NO_ADAPTERS_MESSAGE, _check_adapter_name
+
         if format not in ("peftkit", "peft", "adapterhub"):
             raise ValueError(f"format={format!r}: use 'peftkit' (the default, PEFT's layout) or 'adapterhub'.")
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
+        if not self.peft_config:
+            raise ValueError(f"Nothing to save to {save_directory}: {NO_ADAPTERS_MESSAGE}")
+        if isinstance(selected_adapters, str):
+            selected_adapters = [selected_adapters]
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if not names:
+            raise ValueError("selected_adapters is empty; name at least one adapter to save (None saves them all).")
         for n in names:
             if n not in self.peft_config:
                 raise ValueError(f"No adapter named {n!r} to save; this model has: {', '.join(self.peft_config)}.")
+            _check_adapter_name(n)
         if not is_main_process:
             return
         if format == "adapterhub":
@@ -246,14 +304,35 @@ class PeftModel(nn.Module):
 
             save_adapterhub(self, save_directory, names)
             return
+        payload = []
         for name in names:
-            out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(out_dir, exist_ok=True)
             tensors = get_adapter_state_dict(self.base_model, name)
-            save_tensors(tensors, os.path.join(out_dir, SAFETENSORS_NAME))
+            if not tensors:
+                raise ValueError(
+                    f"Adapter {name!r} has no tensors left in the model (after merge_and_unload() or unload() the "
+                    f"adapters are gone from the layers); nothing was written, {save_directory} is unchanged. Save "
+                    "before merging, or save the merged base model with its own save_pretrained."
+                )
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            config.save_pretrained(out_dir)
+            text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
+            metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(json.loads(text))}
+            payload.append(("" if name == "default" else name, tensors, text, metadata))
+        written = {rel for rel, *_ in payload}
+        ours = (CONFIG_NAME, SAFETENSORS_NAME, LEGACY_WEIGHTS_NAME)
+
+        def replaced(relpath: str) -> bool:
+            folder, base = os.path.split(relpath)
+            return folder in written and base in ours
+
+        def write(folder: str) -> None:
+            for rel, tensors, text, metadata in payload:
+                out_dir = os.path.join(folder, rel) if rel else folder
+                os.makedirs(out_dir, exist_ok=True)
+                save_tensors(tensors, os.path.join(out_dir, SAFETENSORS_NAME), metadata=metadata)
+                atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)
+
+        replace_folder(save_directory, write, replaced)
 
     def load_adapter(
         self,
@@ -262,8 +341,16 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
         subfolder: Optional[str] = None,
+        *,
+        allow_nonfinite: bool = False,
+        allow_missing_keys: bool = False,
         **hub_kwargs: Any,
     ) -> None:
+        """Add the adapter saved at ``model_id`` as ``adapter_name``. Checkpoint tensors that are NaN/inf, missing,
+        or of a non-float type are refused (naming the key); ``allow_nonfinite`` / ``allow_missing_keys`` opt out."""
+        from peftkit.engine.tuner import _check_adapter_name
+
+        _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
         from peftkit.engine.adapterhub import is_adapterhub_folder, load_adapterhub
@@ -271,13 +358,12 @@ class PeftModel(nn.Module):
         if config is None and subfolder is None and is_adapterhub_folder(model_id):
             load_adapterhub(type(self), None, model_id, adapter_name, is_trainable, into=self)
             return
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        config, weights = _read_adapter(model_id, subfolder, config, hub_kwargs)
         config.inference_mode = not is_trainable
-        weights = load_tensors(resolve_weights_file(model_id, subfolder=subfolder, **hub_kwargs))
         self.add_adapter(adapter_name, config, _loading=True)
         try:
-            set_adapter_state_dict(self.base_model, weights, adapter_name)
+            set_adapter_state_dict(self.base_model, weights, adapter_name, allow_nonfinite=allow_nonfinite,
+                                   allow_missing_keys=allow_missing_keys)
         except Exception:
             self.base_model._discard_partial_adapter(adapter_name)  # the model is left as it was
             raise
@@ -295,24 +381,33 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
         subfolder: Optional[str] = None,
+        *,
+        allow_nonfinite: bool = False,
+        allow_missing_keys: bool = False,
         **hub_kwargs: Any,
     ) -> "PeftModel":
-        """Load an adapter saved by peftkit, Hugging Face PEFT or AdapterHub onto ``model`` (local folder or hub id)."""
+        """Load an adapter saved by peftkit, Hugging Face PEFT or AdapterHub onto ``model`` (local folder or hub id).
+
+        The config and weights are read as one pair (a folder mixing two saves is refused). Checkpoint tensors
+        that are NaN/inf, missing, or of a non-float type are refused naming the key; ``allow_nonfinite=True`` /
+        ``allow_missing_keys=True`` load such checkpoints anyway (missing tensors keep their initial values)."""
+        from peftkit.engine.adapterhub import is_adapterhub_folder, load_adapterhub
+        from peftkit.engine.tuner import _check_adapter_name
+
         if isinstance(model, PeftModel):
             raise ValueError("The model already is a PeftModel; use model.load_adapter(path, adapter_name) to add one.")
-        from peftkit.engine.adapterhub import is_adapterhub_folder, load_adapterhub
-
+        _check_adapter_name(adapter_name)
+        _refuse_foreign_adapters(model)
         if config is None and subfolder is None and is_adapterhub_folder(model_id):
             return load_adapterhub(cls, model, model_id, adapter_name, is_trainable)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+        config, weights = _read_adapter(model_id, subfolder, config, hub_kwargs)
         config.inference_mode = not is_trainable
-        weights = load_tensors(resolve_weights_file(model_id, subfolder=subfolder, **hub_kwargs))
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         peft_model = target_cls(model, config, adapter_name, _loading=True)
         try:
-            set_adapter_state_dict(peft_model.base_model, weights, adapter_name)
+            set_adapter_state_dict(peft_model.base_model, weights, adapter_name, allow_nonfinite=allow_nonfinite,
+                                   allow_missing_keys=allow_missing_keys)
         except Exception:
             # A checkpoint that does not fit leaves the user's model as it was: unwrapped, flags restored.
             peft_model.base_model._discard_partial_adapter(adapter_name)
@@ -324,6 +419,20 @@ class PeftModel(nn.Module):
                 p.requires_grad_(False)
             peft_model.eval()
         return peft_model
+
+
+def _read_adapter(
+    model_id: Union[str, os.PathLike], subfolder: Optional[str], config: Optional[PeftConfig], hub_kwargs: dict
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The config (unless given) and the weights of a saved adapter, read as one consistent pair."""
+    parsed, _, weights, _ = read_checkpoint(
+        model_id, subfolder=subfolder, read_config=config is None, parse=PeftConfig.from_file_data, **hub_kwargs
+    )
+    if config is None:
+        config = parsed
+    else:
+        config = copy.deepcopy(config)
+    return config, weights
 
 
 class PeftModelForSequenceClassification(PeftModel):

@@ -92,9 +92,39 @@ def _embedding_base_map(model: "AdapterModel") -> dict[str, torch.Tensor]:
     return out
 
 
-def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every shape fits.
+def _check_value(key: str, live: torch.Tensor, value: torch.Tensor, allow_nonfinite: bool) -> None:
+    """Refuse a checkpoint tensor whose kind (float / integer / bool) differs from the model's, or that holds
+    NaN/inf: a cast or a NaN would load silently and give wrong outputs."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"Checkpoint entry {key} is a {type(value).__name__}, not a tensor.")
+    kind = lambda t: "bool" if t.dtype == torch.bool else ("float" if (t.dtype.is_floating_point or t.dtype.is_complex) else "integer")  # noqa: E731
+    if kind(live) != kind(value):
+        raise ValueError(
+            f"Checkpoint tensor {key} has dtype {value.dtype}, but the model's tensor is {live.dtype}; casting "
+            f"{kind(value)} values to {kind(live)} would change them silently. The checkpoint is corrupt or was "
+            "written for another model; re-save it with float weights."
+        )
+    if not allow_nonfinite and kind(value) == "float" and value.numel() and not bool(torch.isfinite(value).all()):
+        n_bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"Checkpoint tensor {key} holds {n_bad} NaN/inf value(s) of {value.numel()}; the adapter's training "
+            "diverged or the file is corrupt. Pass allow_nonfinite=True to load it anyway."
+        )
 
+
+def set_adapter_state_dict(
+    model: "AdapterModel",
+    state_dict: dict[str, torch.Tensor],
+    adapter_name: str,
+    *,
+    allow_nonfinite: bool = False,
+    allow_missing_keys: bool = False,
+) -> None:
+    """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every tensor fits.
+
+    Refused, naming the key: a shape that does not fit, a tensor of another kind (integer/bool for float), NaN or
+    inf values (``allow_nonfinite=True`` allows them), an adapter tensor the checkpoint lacks
+    (``allow_missing_keys=True`` keeps its initial value instead, with a warning).
     Base embedding weights that PEFT stores next to the adapter are copied into the base model, as PEFT does.
     """
     targets = adapter_parameter_map(model, adapter_name)
@@ -120,6 +150,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
                         f"is {tuple(live.shape)}. If the vocabulary was resized for training, call "
                         f"model.resize_token_embeddings({value.shape[0]}) on the base model before loading."
                     )
+                _check_value(key, live, value, allow_nonfinite)
                 plan.append((live, value))
                 continue
             unexpected.append(key)
@@ -130,6 +161,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
                 f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects {tuple(live.shape)}. "
                 "The adapter was trained for a different base model or a different configuration (rank, targets)."
             )
+        _check_value(key, live, value, allow_nonfinite)
         plan.append((live, value))
     if not plan:
         sample = ", ".join(list(state_dict)[:3])
@@ -147,8 +179,23 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
     loaded = {id(live) for live, _ in plan}
     missing = [prefix + k for k, t in targets.items() if id(t) not in loaded]
     missing += [k for k, t in engine.items() if id(t) not in loaded]
+    # A modules_to_save copy the checkpoint lacks keeps the base module's own values (not a random init), as in
+    # PEFT, whose checkpoints of some methods (Llama-Adapter on a classifier) never hold the head: warn only.
+    copies = {id(t) for _, w in model.modules_to_save_wrappers() for t in w.modules_to_save.parameters()}
+    copies |= {id(t) for _, w in model.modules_to_save_wrappers() for t in w.modules_to_save.buffers()}
+    kept_base = [prefix + k for k, t in targets.items() if id(t) not in loaded and id(t) in copies]
+    if kept_base:
+        logger.warning("Checkpoint has no tensors for these modules_to_save copies; they keep the base module's "
+                       "values: %s", ", ".join(kept_base[:10]))
+        missing = [k for k in missing if k not in set(kept_base)]
     if unexpected:
         logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(unexpected[:10]))
+    if missing and not allow_missing_keys:
+        raise ValueError(
+            f"The checkpoint lacks {len(missing)} tensor(s) of the adapter, e.g. {', '.join(missing[:5])}; they would "
+            "keep their initial (possibly random) values. The file is incomplete or was written for another "
+            "configuration. Pass allow_missing_keys=True to load it anyway."
+        )
     if missing:
         logger.warning("Adapter tensors not found in the checkpoint (left as initialised): %s", ", ".join(missing[:10]))
     with torch.no_grad():

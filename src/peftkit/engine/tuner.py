@@ -17,8 +17,14 @@ from peftkit.engine.config import TargetedConfig
 from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.engine.registry import MethodSpec, method_for_config
 from peftkit.engine.targeting import ALL_LINEAR, expand_all_linear, find_targets
+from peftkit.engine.validation import check_rank_against_layer, validate_config
 
 logger = logging.getLogger(__name__)
+
+NO_ADAPTERS_MESSAGE = (
+    "This model holds no adapter (the last one was deleted); add one with add_adapter(name, config) or "
+    "load_adapter(path, name) first."
+)
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -37,6 +43,30 @@ def _check_adapter_name(name: str) -> None:
             f"Invalid adapter name {name!r}: use a non-empty name without '.', '/' or '\\' (it becomes a module key "
             f"and a sub-folder name), other than {BASE_ADAPTER!r} (which means 'no adapter' in adapter_names=)."
         )
+    if len(name) > MAX_ADAPTER_NAME_LENGTH or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise ValueError(
+            f"Invalid adapter name {name[:40]!r}... ({len(name)} characters): at most {MAX_ADAPTER_NAME_LENGTH} "
+            "characters, since it becomes a sub-folder name when saved."
+        )
+    if any(ord(c) < 32 for c in name):
+        raise ValueError(f"Invalid adapter name {name!r}: control characters cannot be part of a folder name.")
+    if name in _reserved_adapter_names():
+        raise ValueError(
+            f"Invalid adapter name {name!r}: it is an attribute of torch's ModuleDict/ParameterDict (which hold the "
+            "adapters' parameters), so it cannot be a key there. Choose another name."
+        )
+
+
+MAX_ADAPTER_NAME_LENGTH = 128
+_RESERVED: set[str] = set()
+
+
+def _reserved_adapter_names() -> set[str]:
+    """Names torch's containers refuse as keys (``training``, ``forward``, ``keys``, ...)."""
+    if not _RESERVED:
+        for container in (nn.ModuleDict(), nn.ParameterDict()):
+            _RESERVED.update(n for n in dir(container) if not n.startswith("__"))
+    return _RESERVED
 
 
 class AdapterModel(nn.Module):
@@ -66,6 +96,8 @@ class AdapterModel(nn.Module):
 
     @property
     def method(self) -> MethodSpec:
+        if not self.peft_config:
+            raise ValueError(NO_ADAPTERS_MESSAGE)
         return method_for_config(next(iter(self.peft_config.values())))
 
     @property
@@ -124,6 +156,7 @@ class AdapterModel(nn.Module):
         initialisation (e.g. PiSSA's SVD), which would be overwritten anyway.
         """
         _check_adapter_name(adapter_name)
+        validate_config(config)  # again: fields may have been changed since the config was built
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name or delete it first.")
         if self.peft_config:
@@ -150,6 +183,8 @@ class AdapterModel(nn.Module):
 
         try:
             targets = find_targets(self.model, config)
+            for name in targets:  # before any allocation: a rank beyond the layer size is refused
+                check_rank_against_layer(config, name, self.model.get_submodule(name))
             wrapped, skipped = 0, []
             for name in targets:
                 module = self.model.get_submodule(name)
@@ -242,6 +277,11 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------------------------------ management
     def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not names:
+            raise ValueError(
+                "set_adapter needs at least one adapter name; to run the base model without adapters use "
+                "`with model.disable_adapter():` or model.disable_adapter_layers()."
+            )
         for n in names:
             if n not in self.peft_config:
                 raise ValueError(f"No adapter named {n!r}; this model has: {', '.join(self.peft_config) or 'none'}.")
@@ -297,6 +337,10 @@ class AdapterModel(nn.Module):
             self.enable_adapter_layers(True)
 
     def _check_names(self, adapter_names: Optional[Sequence[str]]) -> list[str]:
+        if not self.peft_config:
+            raise ValueError(NO_ADAPTERS_MESSAGE)
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         for n in names:
             if n not in self.peft_config:

@@ -123,6 +123,10 @@ class BnConfig(TargetedConfig):
                                  "glorot-normal, glorot-uniform, normal.")
             if self.phm_c_init not in ("normal", "uniform"):
                 raise ValueError(f"phm_c_init={self.phm_c_init!r}: use 'normal' or 'uniform'.")
+            if self.phm_c_init == "normal" and not (isinstance(self.phm_init_range, (int, float))
+                                                    and not isinstance(self.phm_init_range, bool)
+                                                    and 0 < self.phm_init_range < float("inf")):
+                raise ValueError(f"phm_init_range={self.phm_init_range!r}: phm_c_init='normal' needs a positive std.")
 
     def locations(self) -> list[str]:
         return [loc for loc, on in ((MH_ADAPTER, self.mh_adapter), (CROSS_ADAPTER, self.cross_adapter),

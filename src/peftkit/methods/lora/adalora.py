@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.engine.layer import AdapterLayer, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
@@ -70,6 +71,14 @@ class AdaLoraConfig(TargetedConfig):
     )
     use_dora: bool = field(default=False, metadata={"help": "Not supported by AdaLoRA; must stay False."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Ignored by AdaLoRA (as in PEFT)."})
+
+    # Checked by peftkit.engine.validation before the model is touched (types come from the annotations).
+    field_rules: ClassVar[dict[str, Rule]] = {
+        # (ranges of the schedule fields are checked in __post_init__, with messages about the schedule)
+        "total_step": Rule(type=Any), "init_lora_weights": Rule(type=Any),
+        "lora_alpha": Rule(type=float, min=-SCALE_LIMIT, max=SCALE_LIMIT), "r": Rule(min=1),
+    }
+    rank_fields: ClassVar[tuple[str, ...]] = ("init_r",)
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.ADALORA

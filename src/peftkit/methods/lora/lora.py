@@ -11,7 +11,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from peftkit.engine.config import PeftType, TargetedConfig
 from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
+from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.kernels import kernels_enabled
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
@@ -28,6 +29,7 @@ from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
 logger = logging.getLogger(__name__)
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
+PISSA_MAX_NITER = 1000  # init_lora_weights="pissa_niter_<n>": more iterations are refused (see LoraConfig)
 
 
 @dataclass
@@ -50,6 +52,16 @@ class LoraConfig(TargetedConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank, keys are regexes."})
     alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module alpha, keys are regexes."})
 
+    # Checked by peftkit.engine.validation before the model is touched (types come from the annotations).
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "r": Rule(min=1),
+        "lora_alpha": Rule(type=float, min=-SCALE_LIMIT, max=SCALE_LIMIT),
+        "lora_dropout": Rule(min=0.0, max=1.0, max_open=True),
+        "rank_pattern": Rule(regex_keys=True, each=Rule(min=1)),
+        "alpha_pattern": Rule(type=dict[str, float], regex_keys=True, each=Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT)),
+    }
+    rank_fields: ClassVar[tuple[str, ...]] = ("r",)
+
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
         super().__post_init__()
@@ -66,6 +78,12 @@ class LoraConfig(TargetedConfig):
         if not (isinstance(init, bool) or init in ("gaussian", "pissa") or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
             raise ValueError(
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'."
+            )
+        if isinstance(init, str) and init.startswith("pissa_niter_") and int(init.rsplit("_", 1)[1]) > PISSA_MAX_NITER:
+            raise ValueError(
+                f"LoraConfig.init_lora_weights={init!r} asks for {int(init.rsplit('_', 1)[1])} subspace iterations; "
+                f"more than {PISSA_MAX_NITER} gain no accuracy and can run for days. Use 'pissa_niter_4' to "
+                "'pissa_niter_16' (fast SVD), or 'pissa' (exact SVD)."
             )
         if self.use_dora and str(init).startswith("pissa"):
             raise ValueError("PiSSA initialisation cannot be combined with use_dora.")

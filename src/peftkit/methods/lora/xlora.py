@@ -22,14 +22,15 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.engine.config import PeftConfig, PeftType
-from peftkit.engine.io import load_tensors, resolve_weights_file
+from peftkit.engine.validation import SCALE_LIMIT, Rule
+from peftkit.engine.io import read_checkpoint
 from peftkit.engine.layer import AdapterLayer
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.save_load import CHECKPOINT_PREFIX
@@ -69,6 +70,14 @@ class XLoraConfig(PeftConfig):
         default=0.0, metadata={"help": "Weight of every expert during the scaling pass (0: the plain base model)."}
     )
     global_scaling_weight: float = field(default=1.0, metadata={"help": "Multiplies every expert's output."})
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "adapters": Rule(type=Optional[dict[str, Union[str, os.PathLike]]]), "hidden_size": Rule(min=1), "xlora_depth": Rule(min=1),
+        "xlora_size": Rule(min=1), "xlora_dropout_p": Rule(min=0.0, max=1.0, max_open=True),
+        "softmax_temperature": Rule(min=0.0, min_open=True), "top_k_lora": Rule(min=1),
+        "scaling_pass_value": Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT),
+        "global_scaling_weight": Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT),
+    }
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.XLORA
@@ -303,8 +312,7 @@ class _Expert:
 
 def _read_expert(name: str, path: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     try:
-        config = PeftConfig.from_pretrained(path)
-        tensors = load_tensors(resolve_weights_file(path))
+        config, _, tensors, _ = read_checkpoint(path, parse=PeftConfig.from_file_data)
     except Exception as err:
         raise ValueError(
             f"X-LoRA expert {name!r}: cannot read a LoRA checkpoint at {path!r} ({err}). Each entry of "

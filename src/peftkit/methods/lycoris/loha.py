@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.engine.layer import AdapterLayer, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.lycoris import lycoris_ops as ops
@@ -56,12 +57,28 @@ class LycorisSharedConfig(TargetedConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank, keys are regexes."})
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-module alpha, keys are regexes."})
 
+    # Checked by peftkit.engine.validation before the model is touched (types come from the annotations).
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "r": Rule(min=1),
+        "alpha": Rule(),  # finite; bounded relative to r in _validate_shared (KronA writes alpha = scale * 2**16)
+        "rank_dropout": Rule(min=0.0, max=1.0, max_open=True),
+        "module_dropout": Rule(min=0.0, max=1.0),
+        "rank_pattern": Rule(regex_keys=True, each=Rule(min=1)),
+        "alpha_pattern": Rule(regex_keys=True, each=Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT)),
+    }
+    rank_fields: ClassVar[tuple[str, ...]] = ("r",)
+
     def _validate_shared(self, name: str) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"{name}.r must be a positive integer, got {self.r!r}.")
         for key, value in (self.rank_pattern or {}).items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}.")
+        if abs(self.alpha) / self.r > SCALE_LIMIT:
+            raise ValueError(
+                f"{name}.alpha={self.alpha!r} gives a scaling alpha / r = {self.alpha / self.r:g}; its magnitude must be "
+                f"at most {SCALE_LIMIT:g} (larger ones overflow the adapter's output)."
+            )
         if not 0.0 <= float(self.rank_dropout) < 1.0:
             raise ValueError(f"{name}.rank_dropout must be in [0, 1), got {self.rank_dropout!r}.")
         if not 0.0 <= float(self.module_dropout) <= 1.0:

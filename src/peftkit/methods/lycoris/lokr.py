@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from peftkit.engine.config import PeftType
+from peftkit.engine.validation import SCALE_LIMIT, ConfigTypeError, Rule
 from peftkit.engine.layer import innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.lycoris import lycoris_ops as ops
@@ -56,6 +57,11 @@ class LoKrConfig(LycorisSharedConfig):
                   "w2_b) zeros instead; False: all random (not identity)."},
     )
 
+    field_rules: ClassVar[dict[str, Rule]] = {"decompose_factor": Rule(min=1, also=(-1,))}
+    # No rank bound against the layer: a factor is stored low-rank only when r < half its size, otherwise in
+    # full, so no allocation grows with r (and KronA checkpoints carry r = 65536 on purpose).
+    rank_fields: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LOKR
         super().__post_init__()
@@ -78,7 +84,15 @@ class KronAConfig(LoKrConfig):
 
     scale: float = field(default=1.0, metadata={"help": "Multiplier of the Kronecker product."})
 
+    # r and alpha are derived from scale (r is a fixed large constant, not a rank of any layer)
+    field_rules: ClassVar[dict[str, Rule]] = {"scale": Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT), "alpha": Rule()}
+    rank_fields: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ConfigTypeError(f"KronAConfig.scale must be a finite number, got {self.scale!r} ({type(self.scale).__name__}).")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"KronAConfig.scale must be a finite number, got {self.scale!r}.")
         if self.decompose_both:
             raise ValueError("KronA keeps both Kronecker factors full; use LoKrConfig for decompose_both=True.")
         if self.rank_pattern or self.alpha_pattern:

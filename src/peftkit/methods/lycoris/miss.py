@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.engine.layer import AdapterLayer, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.lora import lora_ops
@@ -49,6 +50,8 @@ class MissConfig(TargetedConfig):
                   "tiled along out_features."},
     )
     bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'MiSS_only'."})
+
+    field_rules: ClassVar[dict[str, Rule]] = {"r": Rule(min=1), "mini_r": Rule(min=1), "miss_dropout": Rule(min=0.0, max=1.0, max_open=True)}
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.MISS

@@ -11,12 +11,13 @@ over its blocks and two index gathers; no compiled extension and no loop over bl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.engine.layer import AdapterLayer, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.orthogonal import orthogonal_ops as ops
@@ -37,6 +38,11 @@ class BOFTConfig(TargetedConfig):
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Kept for PEFT compatibility; must be False."})
     bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'boft_only'."})
     init_weights: bool = field(default=True, metadata={"help": "True: identity at start; False: random."})
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "boft_block_size": Rule(min=0), "boft_block_num": Rule(min=0), "boft_n_butterfly_factor": Rule(min=1),
+        "boft_dropout": Rule(min=0.0, max=1.0, max_open=True),
+    }
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.BOFT

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.engine.layer import AdapterLayer, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
@@ -40,6 +41,8 @@ class HRAConfig(TargetedConfig):
     init_weights: bool = field(default=True, metadata={"help": "True: pairs of equal reflections (identity at "
                                                           "start, needs an even r); False: random."})
     bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'hra_only'."})
+
+    field_rules: ClassVar[dict[str, Rule]] = {"r": Rule(min=1)}
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.HRA

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit.engine.config import PeftType, TargetedConfig
+from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.orthogonal import orthogonal_ops as ops
@@ -59,6 +60,11 @@ class OFTConfig(TargetedConfig):
     use_cayley_neumann: bool = field(default=True, metadata={"help": "Approximate the Cayley inverse by a Neumann "
                                                                "series (faster, approximately orthogonal)."})
     num_cayley_neumann_terms: int = field(default=5, metadata={"help": "Terms of the Neumann series."})
+
+    field_rules: ClassVar[dict[str, Rule]] = {
+        "r": Rule(min=0), "oft_block_size": Rule(min=0), "num_cayley_neumann_terms": Rule(min=0, max=100),
+        "module_dropout": Rule(min=0.0, max=1.0, max_open=True), "eps": Rule(min=0.0),
+    }
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.OFT

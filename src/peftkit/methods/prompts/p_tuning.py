@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ class PromptEncoderConfig(PromptLearningConfig):
     encoder_reparameterization_type: Union[str, PromptEncoderReparameterizationType] = field(
         default=PromptEncoderReparameterizationType.MLP, metadata={"help": "MLP or LSTM."}
     )
-    encoder_hidden_size: int = field(default=None, metadata={"help": "Hidden size of the prompt encoder."})
+    encoder_hidden_size: Optional[int] = field(default=None, metadata={"help": "Hidden size of the prompt encoder."})
     encoder_num_layers: int = field(default=2, metadata={"help": "LSTM layers (the MLP always has 3 linear layers)."})
     encoder_dropout: float = field(default=0.0, metadata={"help": "Dropout between LSTM layers."})
 

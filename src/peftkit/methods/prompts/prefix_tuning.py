@@ -33,7 +33,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     width, default ``token_dim``; ``init_weights="zero"``: prefixes start at zero)."""
 
     init_weights: Optional[Literal["zero"]] = field(default=None, metadata={"help": "None (random) or 'zero'."})
-    encoder_hidden_size: int = field(default=None, metadata={"help": "Hidden size of the prefix MLP."})
+    encoder_hidden_size: Optional[int] = field(default=None, metadata={"help": "Hidden size of the prefix MLP."})
     prefix_projection: bool = field(default=False, metadata={"help": "Reparameterise the prefixes with an MLP."})
 
     prompt_kind = PREFIX
