@@ -192,10 +192,10 @@ class AdapterLayer(nn.Module):
         return self.forward_adapters(x, names, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- management
-    def set_adapter(self, names: Sequence[str]) -> None:
+    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
         self.active_adapters = [n for n in names]
         for name in self.adapter_configs:
-            requires_grad = name in names and not getattr(self.adapter_configs[name], "inference_mode", False)
+            requires_grad = name in names and not inference_mode
             for _, p in self.adapter_parameters(name):
                 p.requires_grad_(requires_grad)
 
@@ -275,13 +275,13 @@ class ModulesToSaveWrapper(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
-    def set_adapter(self, names: Sequence[str]) -> None:
+    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(f"Only one adapter's copy of a module can be active at a time, got {present}.")
         self.active_adapter = present[0] if present else None
         for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == self.active_adapter)
+            module.requires_grad_(name == self.active_adapter and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:

@@ -15,7 +15,7 @@ from peftkit.engine.config import PeftConfig, TaskType
 from peftkit.engine.io import SAFETENSORS_NAME, load_tensors, resolve_weights_file, save_tensors
 from peftkit.engine.layer import BASE_ADAPTER, mixed_batch
 from peftkit.engine.registry import method_for_config
-from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.engine.save_load import LoadResult, get_adapter_state_dict, set_adapter_state_dict
 from peftkit.engine.tuner import AdapterModel
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
@@ -88,16 +88,28 @@ class PeftModel(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", *, _loading: bool = False, **_: Any
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        *,
+        _loading: bool = False,
+        _keep_config: bool = False,
+        **_: Any,
     ) -> None:
         super().__init__()
-        peft_config = copy.deepcopy(peft_config)
+        if not _keep_config:  # from_pretrained(config=c) keeps c itself, as PEFT does
+            peft_config = copy.deepcopy(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
                 getattr(model, "config", None), "_name_or_path", None
             ) or None
         self._prepare_config(model, peft_config)
         self.base_model = _adapter_model_for(model, peft_config, adapter_name, _loading)
+        if not autocast_adapter_dtype:
+            self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype=False)
 
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> None:
         """Task-specific adjustments of a config before injection (subclasses)."""
@@ -177,17 +189,38 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- adapters
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, *, _loading: bool = False
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        *,
+        _loading: bool = False,
     ) -> None:
+        """Add a new, inactive adapter (activate it with :meth:`set_adapter`). Whether the parameters already in the
+        model train is left as it was. ``autocast_adapter_dtype=False`` keeps the adapter in the base layer's dtype
+        (by default a float16/bfloat16 base gets float32 adapters)."""
         peft_config = copy.deepcopy(peft_config)
         first = next(iter(self.peft_config.values()), None)  # None after every adapter was deleted
         if peft_config.base_model_name_or_path is None and first is not None:
             peft_config.base_model_name_or_path = first.base_model_name_or_path
         self._prepare_config(self.base_model.model, peft_config)
         self.base_model.inject_adapter(adapter_name, peft_config, loading=_loading)
+        if not autocast_adapter_dtype:
+            self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype=False)
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name``. As in PEFT, its parameters become trainable (also for an adapter loaded for
+        inference) unless ``inference_mode=True``; every other adapter's are frozen."""
+        if inference_mode:
+            self.base_model.set_adapter(adapter_name, inference_mode=True)
+        else:
+            self.base_model.set_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' parameters (and their modules_to_save copies) on or off, whether
+        active or not; nothing else changes."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -219,10 +252,22 @@ class PeftModel(nn.Module):
         selected_adapters: Optional[Sequence[str]] = None,
         safe_serialization: bool = True,
         is_main_process: bool = True,
+        save_embedding_layers: Union[str, bool] = "auto",
+        path_initial_model_for_weight_conversion: Optional[str] = None,
         **_: Any,
     ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` per adapter ("default" in the folder's
-        root, any other in a sub-folder of its name). Each file is written atomically."""
+        root, any other in a sub-folder of its name) and a ``README.md`` model card if there is none. Each file is
+        written atomically. ``safe_serialization=False`` writes ``adapter_model.bin`` (torch.save) instead;
+        ``save_embedding_layers=True`` also stores the base input/output embedding weights (as PEFT does);
+        ``"auto"`` and ``False`` store only the adapter."""
+        if save_embedding_layers not in ("auto", True, False):
+            raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}.")
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError(
+                "path_initial_model_for_weight_conversion (converting a PiSSA/OLoRA adapter into a plain LoRA one) "
+                "is not implemented in peftkit; save without it, or convert with Hugging Face PEFT."
+            )
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -235,10 +280,21 @@ class PeftModel(nn.Module):
             out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out_dir, exist_ok=True)
             tensors = get_adapter_state_dict(self.base_model, name)
-            save_tensors(tensors, os.path.join(out_dir, SAFETENSORS_NAME))
+            if save_embedding_layers is True:
+                from peftkit.engine.save_load import CHECKPOINT_PREFIX, _embedding_base_map
+
+                for key, t in _embedding_base_map(self.base_model).items():
+                    tensors.setdefault(CHECKPOINT_PREFIX + key, t.detach())
+            if safe_serialization:
+                save_tensors(tensors, os.path.join(out_dir, SAFETENSORS_NAME))
+            else:
+                from peftkit.engine.io import LEGACY_WEIGHTS_NAME, save_tensors_torch
+
+                save_tensors_torch(tensors, os.path.join(out_dir, LEGACY_WEIGHTS_NAME))
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(out_dir)
+        _write_model_card(os.fspath(save_directory), self.peft_config[names[0]] if names else None)
 
     def load_adapter(
         self,
@@ -247,24 +303,32 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
         subfolder: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+        ignore_mismatched_sizes: bool = False,
+        low_cpu_mem_usage: bool = False,
         **hub_kwargs: Any,
-    ) -> None:
+    ) -> LoadResult:
+        """Load a saved adapter as a new, inactive adapter ``adapter_name``; returns the load result (its
+        ``missing_keys`` and ``unexpected_keys``). ``is_trainable=True`` makes its parameters trainable; otherwise
+        they are frozen and the model is put in eval mode (as PEFT does). Other parameters keep their flags."""
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = load_tensors(resolve_weights_file(model_id, subfolder=subfolder, **hub_kwargs))
-        self.add_adapter(adapter_name, config, _loading=True)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, _loading=True)
         try:
-            set_adapter_state_dict(self.base_model, weights, adapter_name)
+            result = set_adapter_state_dict(self.base_model, weights, adapter_name,
+                                            ignore_mismatched_sizes=ignore_mismatched_sizes)
         except Exception:
             self.base_model._discard_partial_adapter(adapter_name)  # the model is left as it was
             raise
-        if not is_trainable:
-            for _, layer in self.base_model.adapter_layers():
-                for _, p in layer.adapter_parameters(adapter_name):
-                    p.requires_grad_(False)
+        if is_trainable:
+            self.set_requires_grad(adapter_name)
+        else:
+            self.eval()
+        return result
 
     @classmethod
     def from_pretrained(
@@ -275,20 +339,28 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
         subfolder: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+        ignore_mismatched_sizes: bool = False,
+        low_cpu_mem_usage: bool = False,
         **hub_kwargs: Any,
     ) -> "PeftModel":
-        """Load an adapter saved by peftkit or Hugging Face PEFT onto ``model`` (local folder or hub id)."""
+        """Load an adapter saved by peftkit or Hugging Face PEFT onto ``model`` (local folder or hub id).
+
+        A ``config`` passed in is used as is (``model.peft_config[adapter_name] is config``, as in PEFT)."""
         if isinstance(model, PeftModel):
             raise ValueError("The model already is a PeftModel; use model.load_adapter(path, adapter_name) to add one.")
+        keep_config = config is not None
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = load_tensors(resolve_weights_file(model_id, subfolder=subfolder, **hub_kwargs))
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        peft_model = target_cls(model, config, adapter_name, _loading=True)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                _loading=True, _keep_config=keep_config)
         try:
-            set_adapter_state_dict(peft_model.base_model, weights, adapter_name)
+            set_adapter_state_dict(peft_model.base_model, weights, adapter_name,
+                                   ignore_mismatched_sizes=ignore_mismatched_sizes)
         except Exception:
             # A checkpoint that does not fit leaves the user's model as it was: unwrapped, flags restored.
             peft_model.base_model._discard_partial_adapter(adapter_name)
@@ -300,6 +372,22 @@ class PeftModel(nn.Module):
                 p.requires_grad_(False)
             peft_model.eval()
         return peft_model
+
+
+def _write_model_card(out_dir: str, config: Optional[PeftConfig]) -> None:
+    """A short ``README.md`` in the save folder (as PEFT writes one); an existing card is left untouched."""
+    path = os.path.join(out_dir, "README.md")
+    if config is None or os.path.exists(path):
+        return
+    from peftkit.engine.io import atomic_write_text
+
+    base = config.base_model_name_or_path
+    front = ["---"] + ([f"base_model: {base}"] if base else []) + ["library_name: peft", "tags:", "- peftkit",
+                                                                     f"- {str(config.peft_type).lower()}", "---"]
+    body = [f"# {str(config.peft_type)} adapter" + (f" for {base}" if base else ""), "",
+            "Saved by peftkit in Hugging Face PEFT's format (adapter_config.json + adapter weights); it loads with",
+            "`peftkit.PeftModel.from_pretrained(base_model, path)` or `peft.PeftModel.from_pretrained(...)`."]
+    atomic_write_text(path, "\n".join(front + [""] + body) + "\n")
 
 
 class PeftModelForSequenceClassification(PeftModel):

@@ -8,7 +8,7 @@ A ``modules_to_save`` copy ``P.modules_to_save.a.<param>`` is stored as ``base_m
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -40,8 +40,9 @@ def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str,
             out[f"{path}.{_strip_adapter(local, adapter_name)}"] = buf
     for path, wrapper in model.modules_to_save_wrappers():
         if adapter_name in wrapper.modules_to_save:
-            for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
-                out[f"{path}.{name}"] = p
+            # parameters and persistent buffers (a norm's running statistics), as in the module's state_dict
+            for name, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{path}.{name}"] = t
     config = model.peft_config[adapter_name]
     bias = getattr(config, "bias", "none")
     if bias == "all":
@@ -91,11 +92,25 @@ def _embedding_base_map(model: "AdapterModel") -> dict[str, torch.Tensor]:
     return out
 
 
-def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every shape fits.
+class LoadResult(NamedTuple):
+    """What a load did not use (``unexpected_keys``, checkpoint keys) and what it did not fill (``missing_keys``,
+    the adapter's parameter names in the model, e.g. ``base_model.model.q.lora_A.default.weight``), as PEFT's
+    ``load_adapter`` reports them."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
+def set_adapter_state_dict(
+    model: "AdapterModel", state_dict: dict[str, torch.Tensor], adapter_name: str, ignore_mismatched_sizes: bool = False
+) -> LoadResult:
+    """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every shape fits
+    (with ``ignore_mismatched_sizes=True`` tensors of another shape are skipped with a warning and reported as
+    missing, as in PEFT).
 
     Base embedding weights that PEFT stores next to the adapter are copied into the base model, as PEFT does.
     """
+    mismatched = []
     targets = adapter_parameter_map(model, adapter_name)
     engine = model.engine_adapter_tensors(adapter_name)  # full checkpoint keys
     base_embeddings: dict[str, torch.Tensor] = {}
@@ -123,6 +138,9 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
             unexpected.append(key)
             continue
         live = targets_for_key[short]
+        if tuple(live.shape) != tuple(value.shape) and ignore_mismatched_sizes:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(live.shape)}")
+            continue
         if tuple(live.shape) != tuple(value.shape):
             raise ValueError(
                 f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects {tuple(live.shape)}. "
@@ -149,10 +167,19 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
         logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(unexpected[:10]))
     if missing:
         logger.warning("Adapter tensors not found in the checkpoint (left as initialised): %s", ", ".join(missing[:10]))
+    if mismatched:
+        logger.warning("Skipped checkpoint tensors of another shape (ignore_mismatched_sizes=True; left as "
+                       "initialised): %s", "; ".join(mismatched[:10]))
     with torch.no_grad():
         for live, value in plan:
             live.copy_(value.to(device=live.device, dtype=live.dtype))
     model.after_adapter_loaded(adapter_name)
+    names = {id(t): f"base_model.{n}" for n, t in model.state_dict(keep_vars=True).items()}
+    prefix = model.method.prefix
+    missing_names = [names.get(id(t), CHECKPOINT_PREFIX + k) for k, t in targets.items() if id(t) not in loaded]
+    # as PEFT: only the adapter layers' own tensors count as missing (not modules_to_save copies)
+    missing_names = [n for n in missing_names if prefix in n and adapter_name in n]
+    return LoadResult(missing_names, list(unexpected))
 
 
-__all__ = ["get_adapter_state_dict", "set_adapter_state_dict", "CHECKPOINT_PREFIX", "ModulesToSaveWrapper"]
+__all__ = ["get_adapter_state_dict", "set_adapter_state_dict", "LoadResult", "CHECKPOINT_PREFIX", "ModulesToSaveWrapper"]

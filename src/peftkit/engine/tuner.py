@@ -146,6 +146,8 @@ class AdapterModel(nn.Module):
         spec = method_for_config(config)
         config = self._resolve_targets(config, spec)
         first_adapter = not self.peft_config
+        # As in PEFT, adding an adapter never changes whether the parameters already there train.
+        existing_flags = [] if first_adapter else [(p, p.requires_grad) for p in self.model.parameters()]
         self.peft_config[adapter_name] = config
 
         try:
@@ -179,12 +181,17 @@ class AdapterModel(nn.Module):
             raise
 
         if first_adapter:
-            for name, p in self.model.named_parameters():
-                if not self._is_adapter_param(name):
+            adapter_ids = self._adapter_param_ids()
+            for p in self.model.parameters():
+                if id(p) not in adapter_ids:
                     p.requires_grad_(False)
             self._mark_bias_trainable(config)
             self.active_adapters = [adapter_name]
-        self.set_adapter(self.active_adapters)
+            self.set_adapter(self.active_adapters, inference_mode=bool(config.inference_mode))
+        else:
+            self.set_adapter(self.active_adapters)  # the new adapter is inactive, hence frozen
+            for p, flag in existing_flags:
+                p.requires_grad_(flag)
 
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection so that the model is as it was before."""
@@ -200,6 +207,17 @@ class AdapterModel(nn.Module):
             if len(wrapper.modules_to_save) == 0:
                 parent, attr = _get_parent(self.model, name)
                 setattr(parent, attr, wrapper.original_module)
+
+    def _adapter_param_ids(self) -> set[int]:
+        """Ids of every adapter parameter and modules_to_save copy, found structurally (through the adapter layers
+        and wrappers), so that a base module whose name starts with the method's prefix is not taken for one."""
+        ids: set[int] = set()
+        for _, layer in self.adapter_layers():
+            for slot in layer.adapter_slots:
+                ids.update(id(p) for p in getattr(layer, slot).parameters())
+        for _, wrapper in self.modules_to_save_wrappers():
+            ids.update(id(p) for p in wrapper.modules_to_save.parameters())
+        return ids
 
     def _is_adapter_param(self, param_name: str) -> bool:
         prefix = self.method.prefix
@@ -240,7 +258,9 @@ class AdapterModel(nn.Module):
                     b.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------ management
-    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names``; as in PEFT their parameters train unless ``inference_mode``, the others'
+        do not."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n in names:
             if n not in self.peft_config:
@@ -253,14 +273,40 @@ class AdapterModel(nn.Module):
                     "copy can be used at a time; activate them one by one, or use adapter_names= per row."
                 )
         for _, layer in self.adapter_layers():
-            layer.set_adapter(names)
-            for n in names:
-                if n in layer.adapter_configs and self.peft_config[n].inference_mode:
-                    for _, p in layer.adapter_parameters(n):
-                        p.requires_grad_(False)
+            layer.set_adapter(names, inference_mode=inference_mode)
         for _, wrapper in self.modules_to_save_wrappers():
-            wrapper.set_adapter(names)
+            wrapper.set_adapter(names, inference_mode=inference_mode)
         self.active_adapters = names
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Gradients on or off for the named adapters' parameters and modules_to_save copies (active or not)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"No adapter named {n!r}; this model has: {', '.join(self.peft_config) or 'none'}.")
+        for _, layer in self.adapter_layers():
+            for n in names:
+                for _, p in layer.adapter_parameters(n):
+                    p.requires_grad_(requires_grad)
+        for _, wrapper in self.modules_to_save_wrappers():
+            for n in names:
+                if n in wrapper.modules_to_save:
+                    wrapper.modules_to_save[n].requires_grad_(requires_grad)
+
+    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """``autocast_adapter_dtype=False``: put the adapter's floating-point parameters in the dtype of the base
+        layer they adapt (e.g. bfloat16), instead of the float32 kept by default for half-precision bases."""
+        if autocast_adapter_dtype:
+            return  # the default: layers already create float32 adapters on float16/bfloat16 bases
+        for _, layer in self.adapter_layers():
+            if adapter_name not in layer.adapter_configs:
+                continue
+            dtype = layer.get_base_layer().weight.dtype
+            if not dtype.is_floating_point:
+                continue
+            for _, p in layer.adapter_parameters(adapter_name):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -278,12 +324,21 @@ class AdapterModel(nn.Module):
             self.set_adapter(remaining)
 
     def enable_adapter_layers(self, enabled: bool = True) -> None:
+        """PEFT's rules for gradients: disabling freezes every adapter parameter; enabling re-activates the active
+        adapters, which makes them trainable."""
         for _, layer in self.adapter_layers():
             if not enabled and layer.merged:
                 layer.unmerge()
             layer.adapters_disabled = not enabled
+            if not enabled:
+                for slot in layer.adapter_slots:
+                    getattr(layer, slot).requires_grad_(False)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.adapters_disabled = not enabled
+            if not enabled:
+                wrapper.modules_to_save.requires_grad_(False)
+        if enabled and self.active_adapters:
+            self.set_adapter(self.active_adapters)
 
     def disable_adapter_layers(self) -> None:
         self.enable_adapter_layers(False)
