@@ -148,9 +148,13 @@ class PeftConfig:
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text + "\n")
 
     @classmethod
-    def from_json_file(cls, path: Union[str, os.PathLike]) -> "PeftConfig":
+    def from_json_file(cls, path: Union[str, os.PathLike]) -> dict[str, Any]:
+        """The raw contents of a config file, as a dict (as in PEFT); :meth:`from_dict` builds the config."""
         with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+            data = json.load(fh)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object (a config); it holds a {type(data).__name__}.")
+        return data
 
     @classmethod
     def from_pretrained(
@@ -159,7 +163,17 @@ class PeftConfig:
         from peftkit.engine.io import resolve_file
 
         path = resolve_file(name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
-        return cls.from_json_file(path)
+        data = cls.from_json_file(path)
+        # As PEFT: the folder's own method decides the class, whichever config class this is called on
+        # (LoraConfig.from_pretrained(<a LoHa folder>) gives a LoHaConfig); a subclass of it is kept.
+        target_cls = cls
+        if data.get("peft_type") is not None:
+            from peftkit.engine.registry import get_method
+
+            real = get_method(data["peft_type"]).config_cls
+            if not issubclass(cls, real):
+                target_cls = real
+        return target_cls.from_dict(data)
 
 
 def _json_default(value: Any) -> Any:

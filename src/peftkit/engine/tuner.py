@@ -7,6 +7,8 @@ targeted module and otherwise works only through the :class:`~peftkit.engine.lay
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -37,6 +39,24 @@ def _check_adapter_name(name: str) -> None:
             f"Invalid adapter name {name!r}: use a non-empty name without '.', '/' or '\\' (it becomes a module key "
             f"and a sub-folder name), other than {BASE_ADAPTER!r} (which means 'no adapter' in adapter_names=)."
         )
+
+
+def _warn_unmatched_patterns(config: TargetedConfig, targets: Sequence[str]) -> None:
+    """As PEFT: a rank_pattern / alpha_pattern key that matches no targeted module is reported (it has no effect)."""
+    if str(config.peft_type) == "ADALORA":  # AdaLoRA's rank_pattern is its pruning record, not a user override
+        return
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None)
+        if not patterns:
+            continue
+        unmatched = sorted(
+            k for k in patterns if not any(t == k or re.match(rf"(.*\.)?({k})$", t) for t in targets)
+        )
+        if unmatched:
+            warnings.warn(
+                f"The following {attr} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+            )
 
 
 class AdapterModel(nn.Module):
@@ -143,6 +163,13 @@ class AdapterModel(nn.Module):
                     "manage (was get_peft_model called twice on the same model?). Call unload() or "
                     "merge_and_unload() on the first PeftModel, or add_adapter() to it under a new name."
                 )
+        with_bias = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if with_bias and getattr(config, "bias", "none") != "none":
+            raise ValueError(
+                f"Only one adapter of a model can train biases, and {with_bias[0]!r} has bias="
+                f"{getattr(self.peft_config[with_bias[0]], 'bias')!r}; add {adapter_name!r} with bias='none' (as PEFT "
+                "requires)."
+            )
         spec = method_for_config(config)
         config = self._resolve_targets(config, spec)
         first_adapter = not self.peft_config
@@ -152,6 +179,7 @@ class AdapterModel(nn.Module):
 
         try:
             targets = find_targets(self.model, config)
+            _warn_unmatched_patterns(config, targets)
             wrapped, skipped = 0, []
             for name in targets:
                 module = self.model.get_submodule(name)
@@ -363,6 +391,14 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{self.method.peft_type} adapters cannot be merged into the base weights.")
         names = self._check_names(adapter_names)
         layers = list(self.adapter_layers())
+        already = [n for n in dict.fromkeys(m for _, layer in layers for m in layer.merged_adapters)]
+        if already:  # as PEFT warns
+            rest = [n for n in names if n not in already]
+            if rest:
+                warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally "
+                              f"merging {','.join(rest)}.")
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
         if safe_merge:
             # Check every layer before writing any, so that a failure leaves all base weights untouched.
             for path, layer in layers:

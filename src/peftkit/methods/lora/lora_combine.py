@@ -25,7 +25,8 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     configs = [model.peft_config[n] for n in adapters]
     if any(c.use_dora for c in configs):
         raise ValueError("add_weighted_adapter does not support DoRA adapters (their magnitudes do not combine linearly).")
-    ranks = [c.r for c in configs]
+    # the largest rank an adapter has in any layer (rank_pattern can raise it above r), so that "cat" has room
+    ranks = [max([c.r, *c.rank_pattern.values()]) if c.rank_pattern else c.r for c in configs]
     if combination_type == "linear":
         if len(set(ranks)) != 1 or any(c.rank_pattern for c in configs):
             raise ValueError("combination_type='linear' needs all adapters to have the same rank; use 'cat' or 'svd'.")
