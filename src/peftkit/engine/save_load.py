@@ -147,7 +147,7 @@ def set_adapter_state_dict(
                 "The adapter was trained for a different base model or a different configuration (rank, targets)."
             )
         plan.append((live, value))
-    if not plan:
+    if not plan and not mismatched:
         sample = ", ".join(list(state_dict)[:3])
         expected = ", ".join(CHECKPOINT_PREFIX + k for k in list(targets)[:3])
         raise ValueError(
