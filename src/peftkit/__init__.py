@@ -26,6 +26,17 @@ from peftkit.engine.peft_model import (
 )
 from peftkit.engine.registry import supported_methods
 from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.engine.functional import (
+    NoMatchingPeftModuleError,
+    TunerLayerStatus,
+    TunerModelStatus,
+    get_base_model_state_dict,
+    get_layer_status,
+    get_model_status,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 
 __version__ = "0.1.0"
 
@@ -60,4 +71,14 @@ __all__ = [
     "get_peft_model",
     "set_adapter_state_dict",
     "supported_methods",
+    # PEFT's functional API (engine/functional.py)
+    "NoMatchingPeftModuleError",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
 ]

@@ -19,6 +19,9 @@ from peftkit.engine.io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+# The Hugging Face PEFT release whose checkpoint format peftkit writes (and is tested against), plus who wrote it;
+# PEFT reads the part before '@' as a version (e.g. to tell old OFT parameterisations from new ones).
+PEFT_FORMAT_VERSION = "0.21.2@peftkit"
 
 
 class PeftType(str, enum.Enum):
@@ -84,12 +87,18 @@ class PeftConfig:
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model id or path."})
     revision: Optional[str] = field(default=None, metadata={"help": "Base model revision on the hub."})
     inference_mode: bool = field(default=False, metadata={"help": "If True, adapters are frozen."})
+    peft_version: Optional[str] = field(
+        default=None,
+        metadata={"help": "Version of the PEFT checkpoint format; filled in automatically (see PEFT_FORMAT_VERSION)."},
+    )
 
     # Methods that are not prompt-learning methods share how targets are chosen; they inherit these fields
     # through TargetedConfig below.
     is_prompt_learning: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
         if self.peft_type is not None and not isinstance(self.peft_type, PeftType):
             self.peft_type = PeftType(str(self.peft_type).upper())
         if self.task_type is not None and not isinstance(self.task_type, TaskType):

@@ -142,6 +142,39 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """PEFT's flag: False only while adapters are disabled (``disable_adapter()``) and some adapter is active."""
+        return not self.base_model.adapters_are_disabled or not self.active_adapters
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The union of every adapter's ``modules_to_save`` (None if there are none), as in PEFT."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or [])
+        return names or None
+
+    @property
+    def prefix(self) -> str:
+        return self.base_model.prefix
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        return self.base_model.targeted_module_names
+
+    def get_layer_status(self) -> list:
+        """Per adapter layer status (see :func:`peftkit.get_layer_status`)."""
+        from peftkit.engine.functional import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The model's adapter status (see :func:`peftkit.get_model_status`)."""
+        from peftkit.engine.functional import get_model_status
+
+        return get_model_status(self)
+
     def _check_adapter_names(self, adapter_names: Optional[Sequence[str]]) -> None:
         if adapter_names is None:
             return

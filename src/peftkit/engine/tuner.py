@@ -89,6 +89,21 @@ class AdapterModel(nn.Module):
         return method_for_config(next(iter(self.peft_config.values())))
 
     @property
+    def prefix(self) -> str:
+        """The method's parameter-name prefix, e.g. ``"lora_"``."""
+        return self.method.prefix
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (relative to the wrapped model) of the modules that hold adapter layers."""
+        return [name for name, _ in self.adapter_layers()]
+
+    @property
+    def adapters_are_disabled(self) -> bool:
+        layers = [layer for _, layer in self.adapter_layers()]
+        return bool(layers) and all(layer.adapters_disabled for layer in layers)
+
+    @property
     def active_adapter(self) -> Union[str, list[str]]:
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
