@@ -1,0 +1,210 @@
+"""Issue 17, public API: each new public name against Hugging Face PEFT where both have it (same weights)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit import LoraConfig, LoHaConfig, PeftModel, get_peft_model
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(8, 16)
+        self.lin1 = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+X = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+
+
+def _noise(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "hada_" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _pair(make=lambda lib: lib.LoraConfig(target_modules=["lin0", "lin1"], modules_to_save=["head"])):
+    theirs = peft.get_peft_model(_net(), make(peft))
+    _noise(theirs)
+    ours = get_peft_model(_net(), make(peftkit))
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ state dicts
+def test_get_peft_model_state_dict_equals_peft():
+    theirs, ours = _pair()
+    _same(peftkit.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs))
+    ours.add_adapter("b", LoraConfig(target_modules=["lin0"]))
+    theirs.add_adapter("b", peft.LoraConfig(target_modules=["lin0"]))
+    ours.load_state_dict(theirs.state_dict())
+    _same(peftkit.get_peft_model_state_dict(ours, adapter_name="b"),
+          peft.get_peft_model_state_dict(theirs, adapter_name="b"))
+    # values from a given state dict instead of the live tensors
+    sd = {k: torch.zeros_like(v) for k, v in ours.state_dict().items()}
+    got = peftkit.get_peft_model_state_dict(ours, state_dict=sd)
+    assert all(not v.any() for v in got.values())
+    with pytest.raises(ValueError, match="No adapter named 'zz'"):
+        peftkit.get_peft_model_state_dict(ours, adapter_name="zz")
+
+
+def test_set_peft_model_state_dict_loads_peft_tensors():
+    theirs, _ = _pair()
+    fresh = get_peft_model(_net(), LoraConfig(target_modules=["lin0", "lin1"], modules_to_save=["head"]))
+    result = peftkit.set_peft_model_state_dict(fresh, peft.get_peft_model_state_dict(theirs))
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    torch.testing.assert_close(fresh(X), theirs(X), rtol=0, atol=0)
+    # the other direction
+    _, ours = _pair()
+    other = peft.get_peft_model(_net(), peft.LoraConfig(target_modules=["lin0", "lin1"], modules_to_save=["head"]))
+    peft.set_peft_model_state_dict(other, peftkit.get_peft_model_state_dict(ours))
+    torch.testing.assert_close(other(X), ours(X), rtol=0, atol=0)
+
+
+def test_inject_adapter_in_model_matches_peft():
+    cfg = dict(target_modules=["lin0", "lin1"])
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**cfg), _net())
+    ours = peftkit.inject_adapter_in_model(LoraConfig(**cfg), _net())
+    assert type(ours) is Net, "the model itself comes back, no PeftModel around it"
+    assert {n: p.requires_grad for n, p in ours.named_parameters()} == {
+        n: p.requires_grad for n, p in theirs.named_parameters()}
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    _noise(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(X), theirs(X), rtol=0, atol=0)
+    ours_sd, theirs_sd = peftkit.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    _same(ours_sd, theirs_sd)
+    assert all(not k.startswith("base_model.") for k in ours_sd)
+    # a second adapter and a state_dict to load at injection
+    again = peftkit.inject_adapter_in_model(LoraConfig(**cfg), _net(), state_dict=theirs_sd)
+    torch.testing.assert_close(again(X), theirs(X), rtol=0, atol=0)
+    peftkit.inject_adapter_in_model(LoraConfig(**cfg), again, adapter_name="b")
+    assert "b" in again.lin0.lora_A
+    result = peftkit.set_peft_model_state_dict(again, theirs_sd, adapter_name="b")
+    assert result.missing_keys == []
+    with pytest.raises(ValueError, match="holds no peftkit adapters"):
+        peftkit.get_peft_model_state_dict(_net())
+
+
+def test_get_base_model_state_dict_equals_peft_and_the_original():
+    theirs, ours = _pair()
+    want = peft.get_base_model_state_dict(theirs)
+    got = peftkit.get_base_model_state_dict(ours)
+    _same(got, want)
+    _same(got, _net().state_dict())
+
+
+# --------------------------------------------------------------------------------------------- PeftModel bits
+def test_peftmodel_properties_match_peft():
+    theirs, ours = _pair()
+    for m in (theirs, ours):
+        m.add_adapter("b", type(m.peft_config["default"])(target_modules=["lin1"], modules_to_save=["norm"]))
+    assert ours.modules_to_save == theirs.modules_to_save == {"head", "norm"}
+    assert ours.prefix == theirs.prefix == "lora_"
+    assert sorted(ours.targeted_module_names) == sorted(theirs.targeted_module_names)
+    assert ours.has_active_enabled_adapter == theirs.has_active_enabled_adapter is True
+    with ours.disable_adapter(), theirs.disable_adapter():
+        assert ours.has_active_enabled_adapter == theirs.has_active_enabled_adapter is False
+    assert ours.has_active_enabled_adapter is True
+    plain = get_peft_model(_net(), LoraConfig(target_modules=["lin0"]))
+    assert plain.modules_to_save is None
+
+
+def _status_fields(s) -> dict:
+    return {k: getattr(s, k) for k in ("name", "enabled", "active_adapters", "merged_adapters", "requires_grad",
+                                        "available_adapters", "devices")}
+
+
+def test_layer_and_model_status_match_peft():
+    theirs, ours = _pair()
+    for m in (theirs, ours):
+        m.add_adapter("b", type(m.peft_config["default"])(target_modules=["lin0"]))
+    for step in ("plain", "merged", "disabled"):
+        if step == "merged":
+            theirs.merge_adapter(); ours.merge_adapter()
+        if step == "disabled":
+            theirs.unmerge_adapter(); ours.unmerge_adapter()
+            theirs.base_model.disable_adapter_layers(); ours.base_model.disable_adapter_layers()
+        t_layers = sorted((_status_fields(s) for s in theirs.get_layer_status()), key=lambda d: d["name"])
+        o_layers = sorted((_status_fields(s) for s in ours.get_layer_status()), key=lambda d: d["name"])
+        assert o_layers == t_layers, step
+        t, o = theirs.get_model_status(), ours.get_model_status()
+        for field in ("base_model_type", "trainable_params", "total_params", "num_adapter_layers", "enabled",
+                      "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices"):
+            assert getattr(o, field) == getattr(t, field), (step, field)
+        assert o.peft_types == {"default": "LORA", "b": "LORA"}
+    assert peftkit.get_model_status(ours) == ours.get_model_status()
+    with pytest.raises(ValueError, match="No adapter layers"):
+        peftkit.get_layer_status(_net())
+
+
+def test_set_requires_grad():
+    ours = get_peft_model(_net(), LoraConfig(target_modules=["lin0"], modules_to_save=["head"]))
+    ours.add_adapter("b", LoraConfig(target_modules=["lin0"], modules_to_save=["head"]))
+    ours.set_requires_grad("b")
+    status = ours.get_model_status().requires_grad
+    assert status == {"default": True, "b": True}
+    ours.set_requires_grad(["default"], requires_grad=False)
+    assert ours.get_model_status().requires_grad == {"default": False, "b": True}
+    with pytest.raises(ValueError, match="No adapter named 'nope'"):
+        ours.set_requires_grad("nope")
+
+
+def test_no_matching_module_error_is_peft_s_class_of_error():
+    with pytest.raises(peftkit.NoMatchingPeftModuleError, match="matched no module"):
+        get_peft_model(_net(), LoraConfig(target_modules=["nothere"]))
+    assert issubclass(peftkit.NoMatchingPeftModuleError, ValueError)
+    from peft.utils.error import NoMatchingPeftModuleError as TheirError
+
+    with pytest.raises(TheirError):  # PEFT raises its class of the same name in the same case
+        peft.get_peft_model(_net(), peft.LoraConfig(target_modules=["nothere"]))
+
+
+# ------------------------------------------------------------------------------------------------- configs
+def test_peft_version_written_and_read_by_peft(tmp_path):
+    assert LoraConfig().peft_version.split("@")[0] == "0.21.2"
+    assert peftkit.OFTConfig(target_modules=["lin0"]).peft_version is not None
+    model = get_peft_model(_net(), peftkit.OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=4,
+                                                     init_weights=False))
+    model.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "adapter_config.json"))["peft_version"] == LoraConfig().peft_version
+    theirs = peft.PeftModel.from_pretrained(_net(), str(tmp_path))  # PEFT parses the version (OFT checks it)
+    torch.testing.assert_close(theirs(X), model(X), rtol=1e-5, atol=1e-6)
+    theirs.save_pretrained(str(tmp_path / "back"))
+    assert PeftModel.from_pretrained(_net(), tmp_path / "back").peft_config["default"].peft_version == \
+        theirs.peft_config["default"].peft_version
+
+
+def test_get_peft_model_keyword_arguments():
+    model = get_peft_model(_net(), LoraConfig(target_modules=["lin0"]), revision="abc", low_cpu_mem_usage=True)
+    assert model.peft_config["default"].revision == "abc"
+    with pytest.raises(NotImplementedError, match="PeftMixedModel"):
+        get_peft_model(_net(), LoraConfig(target_modules=["lin0"]), mixed=True)
