@@ -208,3 +208,51 @@ def test_get_peft_model_keyword_arguments():
     assert model.peft_config["default"].revision == "abc"
     with pytest.raises(NotImplementedError, match="PeftMixedModel"):
         get_peft_model(_net(), LoraConfig(target_modules=["lin0"]), mixed=True)
+
+
+# ----------------------------------------------------------------------------- add_weighted_adapter, new types
+def _two_adapters():
+    def make(lib):
+        model = lib.get_peft_model(_net(), lib.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]))
+        model.add_adapter("b", lib.LoraConfig(r=4, lora_alpha=4, target_modules=["lin0", "lin1"]))
+        return model
+    theirs = make(peft)
+    _noise(theirs)
+    ours = make(peftkit)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("ties", dict(density=0.5)),
+    ("ties", dict(density=0.3, majority_sign_method="frequency")),
+    ("magnitude_prune", dict(density=0.4)),
+    ("dare_linear", dict(density=0.5)),
+    ("dare_ties", dict(density=0.6, majority_sign_method="frequency")),
+])
+def test_add_weighted_adapter_task_arithmetic_matches_peft(kind, kw):
+    theirs, ours = _two_adapters()
+    for m in (theirs, ours):
+        torch.manual_seed(7)  # DARE's random drops: same draws in the same order as PEFT
+        m.add_weighted_adapter(["default", "b"], [0.8, 0.5], "mix", combination_type=kind, **kw)
+        m.set_adapter("mix")
+    for layer in ("lin0", "lin1"):
+        for f in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(getattr(ours.base_model.model, layer), f)["mix"].weight,
+                                       getattr(getattr(theirs.base_model.model, layer), f)["mix"].weight)
+    torch.testing.assert_close(ours(X), theirs(X))
+    a = ours.base_model.model.lin0.lora_A["mix"].weight
+    if kind in ("ties", "magnitude_prune"):
+        assert 0 < (a != 0).float().mean() < 1, "pruning left some entries and removed some"
+
+
+def test_add_weighted_adapter_task_arithmetic_refusals():
+    _, ours = _two_adapters()
+    with pytest.raises(ValueError, match="needs density"):
+        ours.add_weighted_adapter(["default", "b"], [0.5, 0.5], "x", combination_type="ties")
+    with pytest.raises(ValueError, match="majority_sign_method"):
+        ours.add_weighted_adapter(["default", "b"], [0.5, 0.5], "x", combination_type="ties", density=0.5,
+                                  majority_sign_method="mode")
+    with pytest.raises(ValueError, match="non-negative"):
+        ours.add_weighted_adapter(["default", "b"], [0.5, -0.5], "x", combination_type="magnitude_prune", density=0.5)
+    assert "x" not in ours.peft_config and "x" not in ours.base_model.model.lin0.lora_A

@@ -461,12 +461,15 @@ class LoraModel(AdapterModel):
 
         ``"cat"`` concatenates the factors (exact: delta = sum_i w_i delta_i); ``"linear"`` averages the factors
         (needs equal ranks; each factor pair weighted by sqrt(w_i * scaling_i), as in PEFT); ``"svd"`` truncates the
-        SVD of sum_i w_i delta_i to ``svd_rank`` (default: the largest rank).
+        SVD of sum_i w_i delta_i to ``svd_rank`` (default: the largest rank). ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"``, ``"magnitude_prune"`` merge the A and B factors (equal ranks) by task arithmetic: prune each
+        to ``density`` (by magnitude; DARE at random, rescaled), weight by sqrt(w_i * scaling_i), and for TIES keep
+        only entries whose sign agrees with the elected sign (``majority_sign_method`` "total" or "frequency").
         """
         from peftkit.methods.lora.lora_combine import add_weighted_adapter
 
         add_weighted_adapter(self, list(adapters), list(weights), adapter_name, combination_type, svd_rank, svd_clamp,
-                             svd_full_matrices)
+                             svd_full_matrices, density=density, majority_sign_method=majority_sign_method)
 
 
 LORA = register_method(
