@@ -256,3 +256,43 @@ def test_add_weighted_adapter_task_arithmetic_refusals():
     with pytest.raises(ValueError, match="non-negative"):
         ours.add_weighted_adapter(["default", "b"], [0.5, -0.5], "x", combination_type="magnitude_prune", density=0.5)
     assert "x" not in ours.peft_config and "x" not in ours.base_model.model.lin0.lora_A
+
+
+# ---------------------------------------------------------------------------------- init olora / orthogonal
+def test_olora_init_equals_peft_and_round_trips(tmp_path):
+    make = lambda lib: lib.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights="olora")
+    theirs = peft.get_peft_model(_net(), make(peft))
+    ours = get_peft_model(_net(), make(peftkit))
+    for name in ("lin0", "lin1"):
+        o, t = getattr(ours.base_model.model, name), getattr(theirs.base_model.model, name)
+        torch.testing.assert_close(o.lora_A["default"].weight, t.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(o.lora_B["default"].weight, t.lora_B["default"].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(o.get_base_layer().weight, t.get_base_layer().weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(X), _net()(X), rtol=1e-5, atol=1e-5)  # identity at start
+    _noise(ours)
+    ours.save_pretrained(tmp_path)
+    back = peft.PeftModel.from_pretrained(_net(), str(tmp_path))  # onto the original base: residual rebuilt
+    torch.testing.assert_close(back(X), ours(X), rtol=1e-5, atol=1e-5)
+    again = PeftModel.from_pretrained(_net(), tmp_path)
+    torch.testing.assert_close(again(X), ours(X), rtol=1e-5, atol=1e-5)
+
+
+def test_orthogonal_init_is_identity_with_both_factors_nonzero():
+    torch.manual_seed(0)
+    model = get_peft_model(_net(), LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights="orthogonal"))
+    layer = model.base_model.model.lin0
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.abs().sum() > 0 and b.abs().sum() > 0
+    assert torch.linalg.matrix_rank(a) == 2 and torch.linalg.matrix_rank(b) == 2
+    torch.testing.assert_close(b @ a, torch.zeros(16, 8), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(X), _net()(X), rtol=1e-5, atol=1e-5)
+    loss = model(X).pow(2).sum()
+    loss.backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0, "both factors learn from the first step"
+    theirs = peft.get_peft_model(_net(), peft.LoraConfig(r=4, target_modules=["lin0"], init_lora_weights="orthogonal"))
+    t = theirs.base_model.model.lin0
+    torch.testing.assert_close(t.lora_B["default"].weight @ t.lora_A["default"].weight, torch.zeros(16, 8), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        LoraConfig(r=3, target_modules=["lin0"], init_lora_weights="orthogonal")
+    with pytest.raises(ValueError, match="linear layers only"):
+        get_peft_model(nn.Sequential(nn.Embedding(10, 4)), LoraConfig(r=2, target_modules=["0"], init_lora_weights="olora"))

@@ -62,12 +62,16 @@ class LoraConfig(TargetedConfig):
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa") or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "orthogonal") or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
             raise ValueError(
-                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'."
+                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+                "'pissa_niter_<n>', 'olora' or 'orthogonal'."
             )
-        if self.use_dora and str(init).startswith("pissa"):
-            raise ValueError("PiSSA initialisation cannot be combined with use_dora.")
+        if init == "orthogonal" and (self.r % 2 or any(v % 2 for v in (self.rank_pattern or {}).values())):
+            raise ValueError(f"init_lora_weights='orthogonal' needs even ranks, got r={self.r}"
+                             f"{' and rank_pattern=' + str(self.rank_pattern) if self.rank_pattern else ''}.")
+        if self.use_dora and (str(init).startswith("pissa") or init == "olora"):
+            raise ValueError(f"init_lora_weights={init!r} cannot be combined with use_dora.")
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -166,6 +170,13 @@ class Linear(LoraLayer):
             nn.init.zeros_(b.weight)  # overwritten by the checkpoint; keep creation cheap and data-independent
         elif isinstance(init, str) and init.startswith("pissa"):
             self._pissa_init(adapter_name, init)
+        elif init == "olora":
+            self._olora_init(adapter_name)
+        elif init == "orthogonal":
+            new_a, new_b = lora_ops.orthogonal_factors(self.in_features, self.out_features, r, dtype, base_w.device)
+            with torch.no_grad():
+                a.weight.copy_(new_a)
+                b.weight.copy_(new_b)
         else:
             lora_ops.init_factors(a.weight, b.weight, init, r)
         if config.use_dora:
@@ -185,6 +196,18 @@ class Linear(LoraLayer):
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
         new_a, new_b, residual = lora_ops.pissa_factors(weight, a.shape[0], self.scaling[adapter_name], niter)
+        with torch.no_grad():
+            if not residual_only:
+                a.copy_(new_a)
+                b.copy_(new_b)
+            base.weight.copy_(residual.t() if self.fan_in_fan_out else residual)
+
+    def _olora_init(self, adapter_name: str, residual_only: bool = False) -> None:
+        """OLoRA: A, B from the QR decomposition of W, W replaced by the residual (``residual_only``: on load)."""
+        base = self.get_base_layer()
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        new_a, new_b, residual = lora_ops.olora_factors(self._oriented_base_weight(), a.shape[0],
+                                                        self.scaling[adapter_name])
         with torch.no_grad():
             if not residual_only:
                 a.copy_(new_a)
@@ -307,8 +330,9 @@ class Embedding(LoraLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
         r = self._set_hyper(adapter_name, config, module_name)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa"):
-            raise ValueError("PiSSA initialisation is supported for linear layers only, not for nn.Embedding.")
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
+                             f"not for nn.Embedding ({module_name}); exclude it from target_modules.")
         w = self.get_base_layer().weight
         dtype = adapter_dtype(w)
         a = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
@@ -361,8 +385,9 @@ class ConvNd(LoraLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
         r = self._set_hyper(adapter_name, config, module_name)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa"):
-            raise ValueError("PiSSA initialisation is supported for linear layers only, not for convolutions.")
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
+                             f"not for convolutions ({module_name}); exclude it from target_modules.")
         base = self.get_base_layer()
         dtype = adapter_dtype(base.weight)
         nd = base.weight.dim() - 2
@@ -439,11 +464,14 @@ class LoraModel(AdapterModel):
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the
         base weights become the residual of W's SVD so that loading onto the original base model reproduces it."""
         init = self.peft_config[adapter_name].init_lora_weights
-        if not (isinstance(init, str) and init.startswith("pissa")):
+        if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
             return
         for _, layer in self.adapter_layers():
             if isinstance(layer, Linear) and adapter_name in layer.adapter_configs:
-                layer._pissa_init(adapter_name, init, residual_only=True)
+                if init == "olora":
+                    layer._olora_init(adapter_name, residual_only=True)
+                else:
+                    layer._pissa_init(adapter_name, init, residual_only=True)
 
     def add_weighted_adapter(
         self,
