@@ -296,3 +296,77 @@ def test_orthogonal_init_is_identity_with_both_factors_nonzero():
         LoraConfig(r=3, target_modules=["lin0"], init_lora_weights="orthogonal")
     with pytest.raises(ValueError, match="linear layers only"):
         get_peft_model(nn.Sequential(nn.Embedding(10, 4)), LoraConfig(r=2, target_modules=["0"], init_lora_weights="olora"))
+
+
+# ------------------------------------------------------------------------------------------------- LoRA+
+class EmbNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.lin = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.ln(self.lin(self.emb(ids))))
+
+
+def test_create_loraplus_optimizer_groups_equal_peft():
+    from peft.optimizers import create_loraplus_optimizer as theirs_fn
+
+    def build(lib):
+        torch.manual_seed(0)
+        return lib.get_peft_model(EmbNet(), lib.LoraConfig(target_modules=["emb", "lin"], modules_to_save=["ln"],
+                                                           bias="lora_only"))
+    kw = dict(lr=1e-3, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.01, loraplus_lr_embedding=1e-5)
+    theirs, ours = build(peft), build(peftkit)
+    t_opt = theirs_fn(theirs, torch.optim.AdamW, **kw)
+    o_opt = peftkit.create_loraplus_optimizer(ours, torch.optim.AdamW, **kw)
+    t_names = {id(p): n for n, p in theirs.named_parameters()}
+    o_names = {id(p): n for n, p in ours.named_parameters()}
+    assert len(t_opt.param_groups) == len(o_opt.param_groups) == 4
+    for tg, og in zip(t_opt.param_groups, o_opt.param_groups):
+        assert sorted(o_names[id(p)] for p in og["params"]) == sorted(t_names[id(p)] for p in tg["params"])
+        assert (og["lr"], og["weight_decay"]) == (tg["lr"], tg["weight_decay"])
+    assert o_opt.param_groups[2]["lr"] == 16e-3 and o_opt.param_groups[2]["params"]
+    loss = ours(torch.tensor([[1, 2, 3]])).pow(2).sum()
+    loss.backward()
+    o_opt.step()  # a real optimiser over the groups
+
+
+# ------------------------------------------------------------------------------------------------- hotswap
+def test_hotswap_adapter_equals_loading_fresh_and_peft(tmp_path):
+    def save(seed, alpha, folder):
+        m = get_peft_model(_net(), LoraConfig(r=4, lora_alpha=alpha, target_modules=["lin0", "lin1"]))
+        _noise(m, seed)
+        m.save_pretrained(folder)
+    save(1, 8, tmp_path / "one")
+    save(2, 16, tmp_path / "two")
+    ours = PeftModel.from_pretrained(_net(), tmp_path / "one")
+    a_ref = ours.base_model.model.lin0.lora_A["default"].weight
+    peftkit.hotswap_adapter(ours, tmp_path / "two", adapter_name="default")
+    assert ours.base_model.model.lin0.lora_A["default"].weight is a_ref, "swapped in place"
+    fresh = PeftModel.from_pretrained(_net(), tmp_path / "two")
+    torch.testing.assert_close(ours(X), fresh(X), rtol=0, atol=0)
+    assert ours.base_model.model.lin0.scaling["default"] == 4.0
+    from peft.utils.hotswap import hotswap_adapter as their_hotswap
+
+    theirs = peft.PeftModel.from_pretrained(_net(), str(tmp_path / "one"))
+    their_hotswap(theirs, str(tmp_path / "two"), adapter_name="default", torch_device="cpu")
+    torch.testing.assert_close(ours(X), theirs(X), rtol=1e-6, atol=1e-6)
+
+
+def test_hotswap_adapter_refusals_leave_the_adapter(tmp_path):
+    get_peft_model(_net(), LoraConfig(r=4, target_modules=["lin0", "lin1"])).save_pretrained(tmp_path / "one")
+    get_peft_model(_net(), LoraConfig(r=2, target_modules=["lin0", "lin1"])).save_pretrained(tmp_path / "rank")
+    get_peft_model(_net(), LoraConfig(r=4, target_modules=["lin0"])).save_pretrained(tmp_path / "targets")
+    ours = PeftModel.from_pretrained(_net(), tmp_path / "one")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(ValueError, match="different rank"):
+        peftkit.hotswap_adapter(ours, tmp_path / "rank", adapter_name="default")
+    with pytest.raises(ValueError, match="same modules"):
+        peftkit.hotswap_adapter(ours, tmp_path / "targets", adapter_name="default")
+    with pytest.raises(ValueError, match="No adapter named 'x'"):
+        peftkit.hotswap_adapter(ours, tmp_path / "one", adapter_name="x")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -37,6 +37,8 @@ from peftkit.engine.functional import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 
 __version__ = "0.1.0"
 
@@ -81,4 +83,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "set_peft_model_state_dict",
+    "create_loraplus_optimizer",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
 ]
