@@ -280,11 +280,33 @@ def test_save_embedding_layers_true_stores_the_base_embedding(tmp_path):
         ours.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")
 
 
-def test_path_initial_model_for_weight_conversion_is_refused(tmp_path):
-    ours = get_peft_model(_net(), LoraConfig(target_modules=["lin0"]))
-    with pytest.raises(NotImplementedError, match="path_initial_model_for_weight_conversion"):
-        ours.save_pretrained(tmp_path, path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    assert not os.path.exists(tmp_path / "adapter_model.safetensors")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_path_initial_model_for_weight_conversion_equals_peft(init, tmp_path):
+    cfg = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], init_lora_weights=init)
+    ours = get_peft_model(_net(), LoraConfig(**cfg))
+    theirs = peft.get_peft_model(_net(), peft.LoraConfig(**cfg))
+    theirs.load_state_dict(ours.state_dict())  # same initial factors and residual base
+    for m, lib, d in ((ours, peftkit, "ours"), (theirs, peft, "theirs")):
+        m.peft_config["default"].init_lora_weights = True
+        m.save_pretrained(str(tmp_path / d / "init"))
+        m.peft_config["default"].init_lora_weights = init
+    _noise(ours)
+    theirs.load_state_dict(ours.state_dict())  # "trained"
+    ours.save_pretrained(tmp_path / "ours" / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "ours" / "init"))
+    theirs.save_pretrained(str(tmp_path / "theirs" / "lora"),
+                           path_initial_model_for_weight_conversion=str(tmp_path / "theirs" / "init"))
+    o = load_file(tmp_path / "ours" / "lora" / "adapter_model.safetensors")
+    t = load_file(tmp_path / "theirs" / "lora" / "adapter_model.safetensors")
+    assert o.keys() == t.keys()
+    for k in o:
+        torch.testing.assert_close(o[k], t[k], rtol=1e-6, atol=1e-6)
+    oc = json.load(open(tmp_path / "ours" / "lora" / "adapter_config.json"))
+    tc = json.load(open(tmp_path / "theirs" / "lora" / "adapter_config.json"))
+    assert (oc["r"], oc["lora_alpha"], oc["init_lora_weights"]) == (tc["r"], tc["lora_alpha"], tc["init_lora_weights"]) == (8, 16, True)
+    # the converted adapter on the ORIGINAL base gives the trained model's outputs, in both libraries
+    torch.testing.assert_close(PeftModel.from_pretrained(_net(), tmp_path / "ours" / "lora")(X), ours(X), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(_net(), str(tmp_path / "ours" / "lora"))(X), ours(X),
+                               rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ 10. missing guards

@@ -296,11 +296,9 @@ class PeftModel(nn.Module):
         ``"auto"`` and ``False`` store only the adapter."""
         if save_embedding_layers not in ("auto", True, False):
             raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}.")
+        initial = None
         if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError(
-                "path_initial_model_for_weight_conversion (converting a PiSSA/OLoRA adapter into a plain LoRA one) "
-                "is not implemented in peftkit; save without it, or convert with Hugging Face PEFT."
-            )
+            initial = load_tensors(resolve_weights_file(path_initial_model_for_weight_conversion))
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -313,6 +311,9 @@ class PeftModel(nn.Module):
             out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out_dir, exist_ok=True)
             tensors = get_adapter_state_dict(self.base_model, name)
+            config = copy.deepcopy(self.peft_config[name])
+            if initial is not None:
+                tensors, config = _convert_to_plain_lora(tensors, config, initial)
             if save_embedding_layers is True:
                 from peftkit.engine.save_load import CHECKPOINT_PREFIX, _embedding_base_map
 
@@ -324,7 +325,6 @@ class PeftModel(nn.Module):
                 from peftkit.engine.io import LEGACY_WEIGHTS_NAME, save_tensors_torch
 
                 save_tensors_torch(tensors, os.path.join(out_dir, LEGACY_WEIGHTS_NAME))
-            config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(out_dir)
         _write_model_card(os.fspath(save_directory), self.peft_config[names[0]] if names else None)
@@ -405,6 +405,44 @@ class PeftModel(nn.Module):
                 p.requires_grad_(False)
             peft_model.eval()
         return peft_model
+
+
+def _convert_to_plain_lora(tensors: dict, config: PeftConfig, initial: dict) -> tuple[dict, PeftConfig]:
+    """A PiSSA/OLoRA adapter (trained on the residual base W - s B0 A0) as a plain LoRA adapter for the original
+    base W: rank 2r with A' = [A; A0], B' = [B, -B0], so s B' A' = s (B A - B0 A0); alpha is raised to keep s.
+    ``initial``: the adapter's tensors saved right after initialisation (before training)."""
+    if str(config.peft_type) != "LORA":
+        raise ValueError("path_initial_model_for_weight_conversion converts LoRA (PiSSA/OLoRA) adapters only, "
+                         f"not {config.peft_type}.")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("path_initial_model_for_weight_conversion cannot be combined with use_rslora=True and a "
+                         "rank_pattern / alpha_pattern (as in PEFT).")
+    init = str(config.init_lora_weights).lower()
+    if not init.startswith(("pissa", "olora", "true")):
+        import warnings
+
+        warnings.warn("path_initial_model_for_weight_conversion only makes sense for a PiSSA/OLoRA adapter; "
+                      f"this one has init_lora_weights={config.init_lora_weights!r}.")
+    out = dict(tensors)
+    for key, value in tensors.items():
+        is_a = ".lora_A." in key or key.endswith(".lora_A") or ".lora_embedding_A" in key
+        is_b = ".lora_B." in key or key.endswith(".lora_B") or ".lora_embedding_B" in key
+        if not (is_a or is_b):
+            continue
+        if key not in initial:
+            raise ValueError(f"The initial adapter has no {key}; pass the folder saved right after initialising "
+                             "this same adapter (same targets and ranks).")
+        first = initial[key].to(device=value.device, dtype=value.dtype)
+        if first.shape != value.shape:
+            raise ValueError(f"The initial adapter's {key} has shape {tuple(first.shape)}, the trained one "
+                             f"{tuple(value.shape)}; they must come from the same configuration.")
+        out[key] = torch.cat([value, first], dim=0) if is_a else torch.cat([value, -first], dim=1)
+    config.r *= 2
+    config.lora_alpha = config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
+    config.rank_pattern = {k: 2 * v for k, v in (config.rank_pattern or {}).items()}
+    config.alpha_pattern = {k: 2 * v for k, v in (config.alpha_pattern or {}).items()}
+    config.init_lora_weights = True
+    return out, config
 
 
 def _write_model_card(out_dir: str, config: Optional[PeftConfig]) -> None:
