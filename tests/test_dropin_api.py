@@ -370,3 +370,38 @@ def test_hotswap_adapter_refusals_leave_the_adapter(tmp_path):
         peftkit.hotswap_adapter(ours, tmp_path / "one", adapter_name="x")
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ push_to_hub
+class FakeHubApi:
+    """Stands in for huggingface_hub.HfApi: records the calls and copies the folder it is asked to upload."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, []
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, revision=None, create_pr=False):
+        import shutil
+
+        self.calls.append(("upload_folder", repo_id, commit_message, revision, create_pr))
+        shutil.copytree(folder_path, self.store / repo_id.replace("/", "--"))
+        return "commit-url"
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path):
+    model = get_peft_model(_net(), LoraConfig(target_modules=["lin0"]))
+    model.add_adapter("b", LoraConfig(target_modules=["lin1"]))
+    _noise(model)
+    api = FakeHubApi(tmp_path)
+    assert model.push_to_hub("me/tiny", private=True, commit_message="hi", api=api) == "commit-url"
+    assert api.calls[0] == ("create_repo", "me/tiny", True, True)
+    assert api.calls[1] == ("upload_folder", "me/tiny", "hi", None, False)
+    repo = tmp_path / "me--tiny"
+    assert sorted(os.listdir(repo)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "b"]
+    loaded = PeftModel.from_pretrained(_net(), repo)
+    loaded.load_adapter(repo / "b", "b")
+    for name in ("default", "b"):
+        model.set_adapter(name); loaded.set_adapter(name)
+        torch.testing.assert_close(loaded(X), model(X), rtol=0, atol=0)

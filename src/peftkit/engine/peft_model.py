@@ -329,6 +329,36 @@ class PeftModel(nn.Module):
             config.save_pretrained(out_dir)
         _write_model_card(os.fspath(save_directory), self.peft_config[names[0]] if names else None)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        create_pr: bool = False,
+        revision: Optional[str] = None,
+        selected_adapters: Optional[Sequence[str]] = None,
+        safe_serialization: bool = True,
+        api: Any = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapters (as :meth:`save_pretrained` does) and upload them to the Hugging Face hub repository
+        ``repo_id`` (created if missing) in one commit. ``api``: a ``huggingface_hub.HfApi`` (default: a new one)."""
+        import tempfile
+
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token if isinstance(token, str) else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, selected_adapters=selected_adapters, safe_serialization=safe_serialization,
+                                 **save_kwargs)
+            api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload adapter (peftkit)",
+                revision=revision, create_pr=create_pr,
+            )
+
     def load_adapter(
         self,
         model_id: Union[str, os.PathLike],
