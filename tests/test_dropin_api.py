@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import json
 import os
 
@@ -405,3 +406,57 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path):
     for name in ("default", "b"):
         model.set_adapter(name); loaded.set_adapter(name)
         torch.testing.assert_close(loaded(X), model(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("ties_svd", dict(density=0.5)),
+    ("magnitude_prune_svd", dict(density=0.4)),
+    ("dare_linear_svd", dict(density=0.5)),
+    ("dare_ties_svd", dict(density=0.7, majority_sign_method="frequency")),
+])
+def test_add_weighted_adapter_task_arithmetic_svd_matches_peft(kind, kw):
+    theirs, ours = _two_adapters()
+    for m in (theirs, ours):
+        torch.manual_seed(11)
+        m.add_weighted_adapter(["default", "b"], [0.8, -0.5], "mix", combination_type=kind, svd_rank=4, **kw)
+        m.set_adapter("mix")
+    for layer in ("lin0", "lin1"):
+        o, t = getattr(ours.base_model.model, layer), getattr(theirs.base_model.model, layer)
+        # SVD factors are unique up to signs: compare the deltas
+        torch.testing.assert_close(o.delta_weight("mix"), t.get_delta_weight("mix"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours(X), theirs(X), rtol=1e-4, atol=1e-5)
+
+
+def test_set_base_model_state_dict_round_trip_and_peft():
+    theirs, ours = _pair()
+    fresh = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in _net().state_dict().items()}
+    r_ours = peftkit.set_base_model_state_dict(ours, fresh)
+    r_theirs = peft.set_base_model_state_dict(theirs, fresh)
+    assert list(r_ours.missing_keys) == list(r_theirs.missing_keys) == []
+    _same(peftkit.get_base_model_state_dict(ours), peft.get_base_model_state_dict(theirs))
+    _same(peftkit.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs))  # adapters untouched
+    bad = dict(fresh, **{"lin0.weight": torch.zeros(3, 3)})
+    before = peftkit.get_base_model_state_dict(ours)
+    with pytest.raises(ValueError, match="lin0.weight"):
+        peftkit.set_base_model_state_dict(ours, bad)
+    _same(peftkit.get_base_model_state_dict(ours), {k: v.clone() for k, v in before.items()})
+
+
+def test_delete_adapter_messages_and_nested_disable_like_peft():
+    for lib in (peft, peftkit):
+        model = lib.get_peft_model(_net(), lib.LoraConfig(target_modules=["lin0"]))
+        with pytest.raises(ValueError, match="Adapter unknown-adapter does not exist"):
+            model.delete_adapter("unknown-adapter")
+        model.add_adapter("b", lib.LoraConfig(target_modules=["lin0"]))
+        model.merge_adapter()
+        with pytest.raises(ValueError, match=re.escape("Cannot delete adapter(s) ['default'] while they are merged.")):
+            model.delete_adapter("default")
+        assert "default" in model.peft_config and "default" in model.base_model.model.lin0.lora_A
+        model.unmerge_adapter()
+        layer = model.base_model.model.lin0
+        disabled = lambda: layer.disable_adapters if lib is peft else layer.adapters_disabled  # noqa: E731
+        with model.disable_adapter():
+            with model.disable_adapter():
+                assert not model.has_active_enabled_adapter
+            assert disabled() and not model.has_active_enabled_adapter, lib.__name__  # inner exit: still off
+        assert not disabled() and model.has_active_enabled_adapter

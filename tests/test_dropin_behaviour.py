@@ -393,11 +393,22 @@ def test_from_pretrained_keeps_the_config_object(tmp_path):
 
 
 def test_model_card_written(tmp_path):
+    import yaml
+
+    from models import MODELS
+
+    for lib, where in ((peft, "theirs"), (peftkit, "ours")):
+        base = MODELS["llama"].build()
+        base.config._name_or_path = "org/tiny"
+        lib.get_peft_model(base, lib.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / where))
+        lib.get_peft_model(_net(), lib.LoraConfig(target_modules=["lin0"], base_model_name_or_path="MLP")
+                           ).save_pretrained(str(tmp_path / where / "custom"))
+    for where in ("theirs", "ours"):
+        meta = yaml.safe_load((tmp_path / where / "README.md").read_text().split("---")[1])
+        assert meta["base_model"] == "org/tiny" and meta["library_name"] == "peft" and "lora" in meta["tags"], where
+        custom = yaml.safe_load((tmp_path / where / "custom" / "README.md").read_text().split("---")[1])
+        assert "base_model" not in custom, where
     model = get_peft_model(_net(), LoraConfig(target_modules=["lin0"]))
-    model.peft_config["default"].base_model_name_or_path = "org/tiny"
-    model.save_pretrained(tmp_path)
-    text = (tmp_path / "README.md").read_text()
-    assert "base_model: org/tiny" in text and "library_name: peft" in text
     (tmp_path / "README.md").write_text("mine\n")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "mine\n", "an existing card is not overwritten"

@@ -35,6 +35,7 @@ from peftkit.engine.functional import (
     get_model_status,
     get_peft_model_state_dict,
     inject_adapter_in_model,
+    set_base_model_state_dict,
     set_peft_model_state_dict,
 )
 from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
@@ -83,6 +84,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "set_peft_model_state_dict",
+    "set_base_model_state_dict",
     "create_loraplus_optimizer",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",

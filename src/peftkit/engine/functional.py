@@ -163,6 +163,50 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = False) -> LoadResult:
+    """Load base-model weights under the base model's own keys (what :func:`get_base_model_state_dict` returns)
+    into the wrapped model; adapters are left alone. Returns ``missing_keys`` / ``unexpected_keys``; with
+    ``strict=True`` either raises, before anything is copied."""
+    engine, _ = _engine_and_prefix(model)
+    live = {}
+    skip = _adapter_tensor_ids(engine)
+    for key, value in engine.model.state_dict(keep_vars=True).items():
+        if id(value) not in skip:
+            live[_original_key(key)] = value
+    missing = sorted(set(live) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(live))
+    bad = [k for k in state_dict if k in live and tuple(state_dict[k].shape) != tuple(live[k].shape)]
+    if bad:
+        raise ValueError(f"Base weight {bad[0]} has shape {tuple(state_dict[bad[0]].shape)}, the model's is "
+                         f"{tuple(live[bad[0]].shape)}; nothing was loaded.")
+    if strict and (missing or unexpected):
+        raise ValueError(f"set_base_model_state_dict(strict=True): missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}; nothing was loaded.")
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            if key in live:
+                live[key].copy_(value.to(device=live[key].device, dtype=live[key].dtype))
+    return LoadResult(missing, unexpected)
+
+
+def _adapter_tensor_ids(engine: Any) -> set[int]:
+    skip: set[int] = set()
+    for _, layer in engine.adapter_layers():
+        for slot in layer.adapter_slots + layer.aux_slots:
+            skip.update(id(t) for t in getattr(layer, slot).state_dict(keep_vars=True).values())
+    for _, wrapper in engine.modules_to_save_wrappers():
+        skip.update(id(t) for t in wrapper.modules_to_save.state_dict(keep_vars=True).values())
+    return skip
+
+
+def _original_key(key: str) -> str:
+    clean = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+    for inner in ("base_layer.", "original_module."):
+        if clean.startswith(inner):
+            clean = clean[len(inner):]
+    return clean
+
+
 # ---------------------------------------------------------------------------------------------- status reports
 @dataclass
 class TunerLayerStatus:
@@ -318,5 +362,6 @@ __all__ = [
     "get_model_status",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

@@ -143,6 +143,11 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the (first) active adapter."""
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
     def has_active_enabled_adapter(self) -> bool:
         """PEFT's flag: False only while adapters are disabled (``disable_adapter()``) and some adapter is active."""
         return not self.base_model.adapters_are_disabled or not self.active_adapters
@@ -260,7 +265,11 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """``with model.disable_adapter():`` runs the plain base model."""
+        """``with model.disable_adapter():`` runs the plain base model. Nested in another ``disable_adapter()`` (or
+        after ``disable_adapter_layers()``), leaving it keeps the adapters disabled, as in PEFT."""
+        if self.base_model.adapters_are_disabled:
+            yield
+            return
         with self.base_model.adapters_disabled():
             yield
 
@@ -327,7 +336,8 @@ class PeftModel(nn.Module):
                 save_tensors_torch(tensors, os.path.join(out_dir, LEGACY_WEIGHTS_NAME))
             config.inference_mode = True
             config.save_pretrained(out_dir)
-        _write_model_card(os.fspath(save_directory), self.peft_config[names[0]] if names else None)
+        _write_model_card(os.fspath(save_directory), self.peft_config[names[0]] if names else None,
+                          getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None))
 
     def push_to_hub(
         self,
@@ -475,14 +485,15 @@ def _convert_to_plain_lora(tensors: dict, config: PeftConfig, initial: dict) -> 
     return out, config
 
 
-def _write_model_card(out_dir: str, config: Optional[PeftConfig]) -> None:
-    """A short ``README.md`` in the save folder (as PEFT writes one); an existing card is left untouched."""
+def _write_model_card(out_dir: str, config: Optional[PeftConfig], base: Optional[str] = None) -> None:
+    """A short ``README.md`` in the save folder (as PEFT writes one); an existing card is left untouched.
+    ``base_model`` is the wrapped model's own name (its ``config._name_or_path``), as in PEFT; none for a custom
+    model without a config."""
     path = os.path.join(out_dir, "README.md")
     if config is None or os.path.exists(path):
         return
     from peftkit.engine.io import atomic_write_text
 
-    base = config.base_model_name_or_path
     front = ["---"] + ([f"base_model: {base}"] if base else []) + ["library_name: peft", "tags:", "- peftkit",
                                                                      f"- {str(config.peft_type).lower()}", "---"]
     body = [f"# {str(config.peft_type)} adapter" + (f" for {base}" if base else ""), "",

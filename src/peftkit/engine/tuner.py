@@ -353,7 +353,12 @@ class AdapterModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"No adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}.")
+            raise ValueError(f"Adapter {adapter_name} does not exist: no adapter named {adapter_name!r}; this model "
+                             f"has: {', '.join(self.peft_config)}.")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
+            # checked before any layer changes (PEFT's message)
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in self.modules_to_save_wrappers():

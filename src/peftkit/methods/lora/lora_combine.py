@@ -10,6 +10,8 @@ import torch
 
 
 TASK_ARITHMETIC = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+# the same merges applied to the full deltas (B A scaling) of each adapter, then truncated by SVD like "svd"
+TASK_ARITHMETIC_SVD = tuple(f"{k}_svd" for k in TASK_ARITHMETIC)
 
 
 def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -63,10 +65,10 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
             raise ValueError(f"No adapter named {n!r}; this model has: {', '.join(model.peft_config)}.")
     if adapter_name in model.peft_config:
         raise ValueError(f"An adapter named {adapter_name!r} already exists.")
-    if combination_type not in ("linear", "cat", "svd") + TASK_ARITHMETIC:
-        raise ValueError(f"combination_type must be one of linear, cat, svd, {', '.join(TASK_ARITHMETIC)}; got "
-                         f"{combination_type!r}.")
-    if combination_type in TASK_ARITHMETIC:
+    if combination_type not in ("linear", "cat", "svd") + TASK_ARITHMETIC + TASK_ARITHMETIC_SVD:
+        raise ValueError(f"combination_type must be one of linear, cat, svd, {', '.join(TASK_ARITHMETIC)} or their "
+                         f"'_svd' forms; got {combination_type!r}.")
+    if combination_type in TASK_ARITHMETIC + TASK_ARITHMETIC_SVD:
         if density is None or not 0.0 < float(density) <= 1.0:
             raise ValueError(f"combination_type={combination_type!r} needs density in (0, 1] (the fraction of "
                              f"entries kept), got {density!r}.")
@@ -148,7 +150,12 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                     b_new[:, row:row + r] = b
                     row += r
             else:
-                delta = sum((b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * (w * s) for a, b, s, w in factors)
+                deltas = [(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * s for a, b, s, _ in factors]
+                if combination_type == "svd":
+                    delta = sum(d * w for d, (_, _, _, w) in zip(deltas, factors))
+                else:
+                    delta = _task_arithmetic(deltas, torch.tensor([w for _, _, _, w in factors]),
+                                             combination_type[: -len("_svd")], float(density), majority_sign_method)
                 u, sv, vh = torch.linalg.svd(delta.float(), full_matrices=svd_full_matrices)
                 k = min(new_rank, sv.numel())  # a layer narrower than svd_rank keeps all its singular values
                 u, sv, vh = u[:, :k], sv[:k], vh[:k, :]
