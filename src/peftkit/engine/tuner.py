@@ -353,7 +353,7 @@ class AdapterModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name} does not exist: no adapter named {adapter_name!r}; this model "
+            raise ValueError(f"Adapter {adapter_name} does not exist. No adapter named {adapter_name!r}; this model "
                              f"has: {', '.join(self.peft_config)}.")
         if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
             # checked before any layer changes (PEFT's message)
