@@ -430,3 +430,17 @@ def test_from_json_file_returns_a_dict(tmp_path):
     ours, theirs = PeftConfig.from_json_file(path), peft.PeftConfig.from_json_file(path)
     assert isinstance(ours, dict) and isinstance(theirs, dict)
     assert ours == theirs == json.load(open(path))
+
+
+# ------------------------------------------------------------ found by PEFT's own suite: inference_mode caches
+@pytest.mark.parametrize("make", [
+    lambda: OFTConfig(target_modules=["lin0"], r=0, oft_block_size=3, init_weights=False),
+    lambda: LoraConfig(target_modules=["lin0"], use_dora=True, init_lora_weights=False),
+])
+def test_a_forward_under_inference_mode_does_not_break_later_training(make):
+    model = get_peft_model(_net(), make())
+    with torch.inference_mode():
+        model(X)  # first use of the layer's cached helper tensors
+    model.train()
+    model(X).pow(2).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -276,7 +276,8 @@ class Linear(LoraLayer):
         key = (w.data_ptr(), w._version, w.device, self.fan_in_fan_out)
         cache = getattr(self, "_w_sq_cache", None)
         if cache is None or cache[0] != key:
-            with torch.no_grad():
+            # a normal tensor even under torch.inference_mode(): it is reused by later training steps
+            with torch.inference_mode(False), torch.no_grad():
                 sq = torch.linalg.vector_norm(self._oriented_base_weight(), dim=1, dtype=torch.float32).square()
             self._w_sq_cache = cache = (key, sq)
         return cache[1]

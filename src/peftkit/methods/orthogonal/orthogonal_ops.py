@@ -22,7 +22,15 @@ import torch
 
 @functools.lru_cache(maxsize=64)
 def _skew_index(block_size: int, device: str) -> torch.Tensor:
-    """Flat (b*b,) index into ``[0, vec, -vec]``: 0 on the diagonal, 1 + k above it, 1 + m + k below it."""
+    """Flat (b*b,) index into ``[0, vec, -vec]``: 0 on the diagonal, 1 + k above it, 1 + m + k below it.
+
+    Cached across calls, so built as a normal tensor even when first asked for under ``torch.inference_mode()``
+    (an inference tensor would break every later training step that uses it)."""
+    with torch.inference_mode(False):
+        return _build_skew_index(block_size, device)
+
+
+def _build_skew_index(block_size: int, device: str) -> torch.Tensor:
     m = block_size * (block_size - 1) // 2
     rows, cols = torch.triu_indices(block_size, block_size, 1)
     idx = torch.zeros(block_size, block_size, dtype=torch.long)
