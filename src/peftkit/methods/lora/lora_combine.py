@@ -105,13 +105,6 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     # a regex string matches full module names: join them as PEFT does
     new_config.target_modules = "|".join(f"({r})" for r in regexes) if regexes else sorted(targets)
     new_config.init_lora_weights = True
-    if combination_type in TASK_ARITHMETIC:  # checked before anything is created
-        for path, layer in model.adapter_layers():
-            if isinstance(layer, LoraLayer) and any(
-                    w * layer.scaling[n] < 0 for n, w in zip(adapters, weights) if n in layer.scaling):
-                raise ValueError(f"combination_type={combination_type!r} weights each factor by sqrt(weight * "
-                                 f"scaling), so weights must be non-negative (layer {path}); use 'cat' or 'svd' for "
-                                 "negative ones.")
     model.inject_adapter(adapter_name, new_config)
 
     with torch.no_grad():
@@ -136,11 +129,13 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                     a_new.add_(a * c * (1 if w * s >= 0 else -1))
                     b_new.add_(b * c)
             elif combination_type in TASK_ARITHMETIC:
+                # each pair weighted by sqrt(|w s|), the sign on A only (so that B A carries it once), as in PEFT
                 scaled = [w * s for _, _, s, w in factors]
-                coef = torch.tensor([v ** 0.5 for v in scaled])
-                a_new.copy_(_task_arithmetic([a for a, _, _, _ in factors], coef, combination_type, float(density),
+                coef_b = torch.tensor([abs(v) ** 0.5 for v in scaled])
+                coef_a = torch.tensor([(abs(v) ** 0.5) * (1 if v >= 0 else -1) for v in scaled])
+                a_new.copy_(_task_arithmetic([a for a, _, _, _ in factors], coef_a, combination_type, float(density),
                                              majority_sign_method))
-                b_new.copy_(_task_arithmetic([b for _, b, _, _ in factors], coef, combination_type, float(density),
+                b_new.copy_(_task_arithmetic([b for _, b, _, _ in factors], coef_b, combination_type, float(density),
                                              majority_sign_method))
             elif combination_type == "cat":
                 row = 0
