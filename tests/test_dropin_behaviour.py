@@ -444,3 +444,32 @@ def test_a_forward_under_inference_mode_does_not_break_later_training(make):
     model.train()
     model(X).pow(2).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, groups=2, padding=1)
+        self.lin = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_lora_on_grouped_convolution_equals_peft(tmp_path):
+    torch.manual_seed(0)
+    base = GroupedConv().eval()
+    x = torch.randn(2, 4, 5, 5)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["conv", "lin"],
+                                                                      init_lora_weights=False))
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["conv", "lin"], init_lora_weights=False))
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours.save_pretrained(tmp_path)
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))(x), ours(x))
+    before = ours.base_model.model.lin.get_base_layer().weight.clone()
+    with pytest.raises(NotImplementedError, match="grouped convolution"):
+        ours.merge_adapter()
+    assert torch.equal(ours.base_model.model.lin.get_base_layer().weight, before), "nothing merged"
+    with pytest.raises(ValueError, match="rank divisible by groups"):
+        get_peft_model(copy.deepcopy(base), LoraConfig(r=3, target_modules=["conv"]))

@@ -411,6 +411,10 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{self.method.peft_type} adapters cannot be merged into the base weights.")
         names = self._check_names(adapter_names)
         layers = list(self.adapter_layers())
+        for path, layer in layers:  # refused before any weight changes
+            refusal = getattr(layer, "merge_refusal", lambda: None)()
+            if refusal and any(n in layer.adapter_configs for n in names):
+                raise NotImplementedError(f"{path}: {refusal}")
         already = [n for n in dict.fromkeys(m for _, layer in layers for m in layer.merged_adapters)]
         if already:  # as PEFT warns
             rest = [n for n in names if n not in already]

@@ -394,7 +394,9 @@ class ConvNd(LoraLayer):
         nd = base.weight.dim() - 2
         a = self._conv_cls(self.in_features, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation,
                            bias=False, device=base.weight.device, dtype=dtype)
-        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, bias=False, device=base.weight.device, dtype=dtype)
+        # grouped base convolution (as in PEFT): A mixes all input channels, B maps rank to outputs per group
+        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, groups=base.groups, bias=False,
+                           device=base.weight.device, dtype=dtype)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
         if loading:
             nn.init.zeros_(b.weight)
@@ -405,7 +407,16 @@ class ConvNd(LoraLayer):
             norm = weight.norm(p=2, dim=_norm_dims(weight), keepdim=True).transpose(1, 0)
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.detach().to(dtype))
 
+    def merge_refusal(self) -> Optional[str]:
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            return (f"LoRA on a grouped convolution (groups={groups}) cannot be merged into its weight (as in PEFT); "
+                    "use it unmerged.")
+        return None
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.merge_refusal():
+            raise NotImplementedError(self.merge_refusal())
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         r = a.shape[0]
         base_shape = self.get_base_layer().weight.shape
@@ -450,7 +461,12 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
         layer = Embedding(target)
     elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if base.groups != 1:
-            raise ValueError(f"LoRA does not support grouped convolutions ({module_name} has groups={base.groups}).")
+            ranks = {pattern_value(config.rank_pattern, module_name, config.r)}
+            if any(r % base.groups for r in ranks) or config.use_dora:
+                raise ValueError(
+                    f"LoRA on the grouped convolution {module_name} (groups={base.groups}) needs a rank divisible by "
+                    f"groups and no DoRA; got r={ranks.pop()}{', use_dora=True' if config.use_dora else ''}."
+                )
         layer = ConvNd(target)
     else:
         return None
