@@ -438,6 +438,9 @@ def test_from_json_file_returns_a_dict(tmp_path):
     lambda: LoraConfig(target_modules=["lin0"], use_dora=True, init_lora_weights=False),
 ])
 def test_a_forward_under_inference_mode_does_not_break_later_training(make):
+    from peftkit.methods.orthogonal import orthogonal_ops
+
+    orthogonal_ops._skew_index.cache_clear()  # the OFT index cache is process-wide: start it empty
     model = get_peft_model(_net(), make())
     with torch.inference_mode():
         model(X)  # first use of the layer's cached helper tensors
