@@ -103,7 +103,7 @@ def test_train_prints_and_saves_what_the_model_has(tiny, lora_run, capsys):
     assert (res["trainable_params"], res["all_params"]) == ref.get_nb_trainable_parameters()
     assert res["config"]["modules_to_save"] == ["classifier"]
     assert res["steps"] == 30 and res["label_names"] == ["neg", "pos"]
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "train_results.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "train_results.json"]
     # the saved adapter reloads to the accuracy that was printed, on the same split
     model = PeftModel.from_pretrained(_load_tiny(model_dir), str(out))
     assert _accuracy(model, tiny, 32) == pytest.approx(res["accuracy_after"])

@@ -456,7 +456,7 @@ def test_save_and_load_several_adapters(tmp_path):
         model.set_adapter(name)
         outs[name] = _out(spec, model)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "b", "c"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "b", "c"]
     for sub in ("b", "c"):
         assert sorted(os.listdir(tmp_path / sub)) == ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -464,16 +464,19 @@ def test_save_and_load_several_adapters(tmp_path):
     loaded.load_adapter(tmp_path / "b", "b")
     loaded.load_adapter(tmp_path, "c", subfolder="c")
     assert loaded.active_adapter == "default", "load_adapter must not switch the active adapter"
+    assert not any(p.requires_grad for p in loaded.parameters()), "loaded for inference: nothing trains"
     for name in ("default", "b", "c"):
         loaded.set_adapter(name)
         assert torch.equal(_out(spec, loaded), outs[name]), name
-    assert not any(p.requires_grad for p in loaded.parameters()), "loaded for inference: nothing trains"
+    # as in PEFT, set_adapter makes the adapter it activates trainable (inference_mode=True keeps it frozen)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, _ in loaded.named_parameters() if ".c." in n}
 
     selected = tmp_path / "selected"
     model.save_pretrained(selected, selected_adapters=["b"])
-    assert sorted(os.listdir(selected)) == ["b"]
+    assert sorted(os.listdir(selected)) == ["README.md", "b"]
     model.save_pretrained(tmp_path / "sel2", selected_adapters=["default", "c"])
-    assert sorted(os.listdir(tmp_path / "sel2")) == ["adapter_config.json", "adapter_model.safetensors", "c"]
+    assert sorted(os.listdir(tmp_path / "sel2")) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "c"]
 
 
 def test_from_pretrained_named_trainable_adapter(tmp_path):
@@ -507,8 +510,10 @@ def test_inference_mode_config_has_no_trainable_parameters():
     model.add_adapter("t", LoraConfig(r=4, target_modules=["q_proj"]))
     model.set_adapter("t")
     assert model.get_nb_trainable_parameters()[0] == 2 * 2 * 4 * 32  # 2 layers x (A + B) x r x 32
-    model.set_adapter("default")
+    model.set_adapter("default", inference_mode=True)
     assert model.get_nb_trainable_parameters()[0] == 0
+    model.set_adapter("default")  # as in PEFT, activating an adapter makes it trainable unless inference_mode=True
+    assert model.get_nb_trainable_parameters()[0] == 2 * 2 * 4 * 32
 
 
 # --------------------------------------------------------------------------------------------------- task types

@@ -348,8 +348,10 @@ def test_named_adapters_add_set_delete_disable(tmp_path):
     close(run("llama", model), out_default, 0, "after deleting the other adapter")
     model.save_pretrained(tmp_path)
     model.load_adapter(tmp_path, adapter_name="loaded")
-    model.set_adapter("loaded")
+    model.set_adapter("loaded", inference_mode=True)
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".loaded." in n)
+    model.set_adapter("loaded")  # PEFT's rule: activating an adapter makes it trainable unless inference_mode
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".loaded." in n)
     assert torch.equal(run("llama", model), out_default), "load_adapter changed the output"
     model.set_adapter("default")
     plain = model.unload()

@@ -168,7 +168,7 @@ def test_save_load_round_trip_exact(base, experts, tmp_path):
             p.add_(torch.randn_like(p) * 0.3)
     expected = logits(model)
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = json.load(open(tmp_path / "adapter_config.json"))
     assert saved["peft_type"] == "XLORA" and saved["top_k_lora"] == 2 and saved["hidden_size"] == 32
     assert set(saved["adapters"]) == {"0", "1", "2"}

@@ -36,6 +36,20 @@ from peftkit.engine.peft_model import (
 )
 from peftkit.engine.registry import supported_methods
 from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.engine.functional import (
+    NoMatchingPeftModuleError,
+    TunerLayerStatus,
+    TunerModelStatus,
+    get_base_model_state_dict,
+    get_layer_status,
+    get_model_status,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
+from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 
 __version__ = "0.1.0"
 
@@ -92,4 +106,18 @@ __all__ = [
     "get_peft_model",
     "set_adapter_state_dict",
     "supported_methods",
+    # PEFT's functional API (engine/functional.py)
+    "NoMatchingPeftModuleError",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
+    "set_base_model_state_dict",
+    "create_loraplus_optimizer",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
 ]

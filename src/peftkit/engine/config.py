@@ -19,6 +19,9 @@ from peftkit.engine.io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+# The Hugging Face PEFT release whose checkpoint format peftkit writes (and is tested against), plus who wrote it;
+# PEFT reads the part before '@' as a version (e.g. to tell old OFT parameterisations from new ones).
+PEFT_FORMAT_VERSION = "0.21.2@peftkit"
 
 
 class PeftType(str, enum.Enum):
@@ -88,12 +91,18 @@ class PeftConfig:
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model id or path."})
     revision: Optional[str] = field(default=None, metadata={"help": "Base model revision on the hub."})
     inference_mode: bool = field(default=False, metadata={"help": "If True, adapters are frozen."})
+    peft_version: Optional[str] = field(
+        default=None,
+        metadata={"help": "Version of the PEFT checkpoint format; filled in automatically (see PEFT_FORMAT_VERSION)."},
+    )
 
     # Methods that are not prompt-learning methods share how targets are chosen; they inherit these fields
     # through TargetedConfig below.
     is_prompt_learning: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
         if self.peft_type is not None and not isinstance(self.peft_type, PeftType):
             self.peft_type = PeftType(str(self.peft_type).upper())
         if self.task_type is not None and not isinstance(self.task_type, TaskType):
@@ -155,10 +164,12 @@ class PeftConfig:
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text + "\n")
 
     @classmethod
-    def from_json_file(cls, path: Union[str, os.PathLike]) -> "PeftConfig":
+    def from_json_file(cls, path: Union[str, os.PathLike]) -> dict[str, Any]:
+        """The raw contents of a config file, as a dict (as in PEFT); :meth:`from_dict` builds the config. Anything
+        but a JSON object gets an error naming the file."""
         from peftkit.engine.io import read_config_file
 
-        return cls.from_file_data(read_config_file(path), path)
+        return read_config_file(path)
 
     @classmethod
     def from_file_data(cls, data: dict[str, Any], path: Union[str, os.PathLike]) -> "PeftConfig":
@@ -175,7 +186,17 @@ class PeftConfig:
         from peftkit.engine.io import resolve_file
 
         path = resolve_file(name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
-        return cls.from_json_file(path)
+        data = cls.from_json_file(path)
+        # As PEFT: the folder's own method decides the class, whichever config class this is called on
+        # (LoraConfig.from_pretrained(<a LoHa folder>) gives a LoHaConfig); a subclass of it is kept.
+        target_cls = cls
+        if data.get("peft_type") is not None:
+            from peftkit.engine.registry import get_method
+
+            real = get_method(data["peft_type"]).config_cls
+            if not issubclass(cls, real):
+                target_cls = real
+        return target_cls.from_file_data(data, path)
 
 
 def _targeted_rules() -> dict[str, Any]:

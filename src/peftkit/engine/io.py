@@ -81,6 +81,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Union[str, os.PathLike]
     _atomic_replace(path, lambda tmp: save_file(clean, tmp, metadata=metadata or {"format": "pt"}))
 
 
+def save_tensors_torch(tensors: dict[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
+    """Write tensors with ``torch.save`` (``adapter_model.bin``, for ``safe_serialization=False``), atomically."""
+    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    _atomic_replace(path, lambda tmp: torch.save(clean, tmp))
+
+
 def _shares_storage(t: torch.Tensor, all_tensors: dict[str, torch.Tensor]) -> bool:
     ptr = t.untyped_storage().data_ptr()
     return sum(1 for o in all_tensors.values() if o.untyped_storage().data_ptr() == ptr) > 1

@@ -192,10 +192,10 @@ class AdapterLayer(nn.Module):
         return self.forward_adapters(x, names, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- management
-    def set_adapter(self, names: Sequence[str]) -> None:
+    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
         self.active_adapters = [n for n in names]
         for name in self.adapter_configs:
-            requires_grad = name in names and not getattr(self.adapter_configs[name], "inference_mode", False)
+            requires_grad = name in names and not inference_mode
             for _, p in self.adapter_parameters(name):
                 p.requires_grad_(requires_grad)
 
@@ -275,13 +275,13 @@ class ModulesToSaveWrapper(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
-    def set_adapter(self, names: Sequence[str]) -> None:
+    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(f"Only one adapter's copy of a module can be active at a time, got {present}.")
         self.active_adapter = present[0] if present else None
         for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == self.active_adapter)
+            module.requires_grad_(name == self.active_adapter and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
@@ -289,19 +289,58 @@ class ModulesToSaveWrapper(nn.Module):
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def _active_module(self) -> nn.Module:
+        if self.active_adapter is not None and self.active_adapter in self.modules_to_save:
+            return self.modules_to_save[self.active_adapter]
+        return self.original_module
+
+    @property
+    def weight(self) -> Any:  # the copy in use, as in PEFT (so tied-weight and introspection code sees it)
+        return self._active_module().weight
+
+    @property
+    def bias(self) -> Any:
+        return getattr(self._active_module(), "bias", None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.adapters_disabled or (self.active_adapter is None and self.mixed_batch is None):
-            return self.original_module(x, *args, **kwargs)
+            return self.original_module(*args, **kwargs)
         if self.mixed_batch is not None:
-            batch = self.mixed_batch.for_rows(x.shape[0])
-            result = self.original_module(x, *args, **kwargs)
-            out = result.clone()
-            for name in batch.groups:
-                if name in self.modules_to_save:
-                    rows = batch.rows(name, x.device)
-                    out[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
-            return out
-        return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
+            return self._forward_mixed(args, kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _forward_mixed(self, args: tuple, kwargs: dict) -> Any:
+        # the first input (positional, or the first keyword tensor) is split by rows; the rest is passed as is
+        if args:
+            x, where = args[0], None
+        else:
+            where = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+            x = kwargs[where] if where is not None else None
+        kind = type(self.original_module).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"adapter_names= (one adapter per row) needs a tensor input for the modules_to_save "
+                            f"module {kind}; it got none.")
+
+        def call(module: nn.Module, rows: Optional[torch.Tensor]) -> Any:
+            xr = x if rows is None else x[rows]
+            if where is None:
+                return module(xr, *args[1:], **kwargs)
+            return module(*args, **{**kwargs, where: xr})
+
+        batch = self.mixed_batch.for_rows(x.shape[0])
+        result = call(self.original_module, None)
+        if not isinstance(result, torch.Tensor) or result.dim() == 0 or result.shape[0] != x.shape[0]:
+            got = type(result).__name__ if not isinstance(result, torch.Tensor) else f"a tensor of shape {tuple(result.shape)}"
+            raise TypeError(
+                f"adapter_names= (one adapter per row) cannot route the modules_to_save module {kind}: its output is "
+                f"{got}, not one tensor row per input row. Use one adapter per call (set_adapter) for this model."
+            )
+        out = result.clone()
+        for name in batch.groups:
+            if name in self.modules_to_save:
+                rows = batch.rows(name, x.device)
+                out[rows] = call(self.modules_to_save[name], rows)
+        return out
 
     def __getattr__(self, name: str) -> Any:
         try:

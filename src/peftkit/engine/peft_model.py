@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 
 from peftkit.engine.config import PeftConfig, TaskType, _json_default
-from peftkit.engine.io import SAFETENSORS_NAME, atomic_write_text, read_checkpoint, save_tensors
+from peftkit.engine.io import (SAFETENSORS_NAME, atomic_write_text, load_tensors, read_checkpoint, resolve_weights_file,
+                               save_tensors)
 from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrapper, mixed_batch
 from peftkit.engine.registry import method_for_config
-from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.engine.save_load import LoadResult, get_adapter_state_dict, set_adapter_state_dict
 from peftkit.engine.tuner import AdapterModel
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
@@ -118,10 +119,20 @@ class PeftModel(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", *, _loading: bool = False, **_: Any
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        *,
+        _loading: bool = False,
+        _keep_config: bool = False,
+        **_: Any,
     ) -> None:
         super().__init__()
-        peft_config = copy.deepcopy(peft_config)
+        if not _keep_config:  # from_pretrained(config=c) keeps c itself, as PEFT does
+            peft_config = copy.deepcopy(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(
                 getattr(model, "config", None), "_name_or_path", None
@@ -129,6 +140,8 @@ class PeftModel(nn.Module):
         self._prepare_config(model, peft_config)
         _refuse_foreign_adapters(model)
         self.base_model = _adapter_model_for(model, peft_config, adapter_name, _loading)
+        if not autocast_adapter_dtype:
+            self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype=False)
 
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> None:
         """Task-specific adjustments of a config before injection (subclasses)."""
@@ -164,6 +177,44 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the (first) active adapter."""
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """PEFT's flag: False only while adapters are disabled (``disable_adapter()``) and some adapter is active."""
+        return not self.base_model.adapters_are_disabled or not self.active_adapters
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The union of every adapter's ``modules_to_save`` (None if there are none), as in PEFT."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or [])
+        return names or None
+
+    @property
+    def prefix(self) -> str:
+        return self.base_model.prefix
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        return self.base_model.targeted_module_names
+
+    def get_layer_status(self) -> list:
+        """Per adapter layer status (see :func:`peftkit.get_layer_status`)."""
+        from peftkit.engine.functional import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The model's adapter status (see :func:`peftkit.get_model_status`)."""
+        from peftkit.engine.functional import get_model_status
+
+        return get_model_status(self)
 
     def _check_adapter_names(self, adapter_names: Optional[Sequence[str]]) -> None:
         if adapter_names is None:
@@ -220,8 +271,17 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- adapters
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, *, _loading: bool = False
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        *,
+        _loading: bool = False,
     ) -> None:
+        """Add a new, inactive adapter (activate it with :meth:`set_adapter`). Whether the parameters already in the
+        model train is left as it was. ``autocast_adapter_dtype=False`` keeps the adapter in the base layer's dtype
+        (by default a float16/bfloat16 base gets float32 adapters)."""
         if isinstance(peft_config, str):  # a config string, e.g. "par_bn"
             from peftkit.engine.registry import config_from_string
 
@@ -232,16 +292,32 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = first.base_model_name_or_path
         self._prepare_config(self.base_model.model, peft_config)
         self.base_model.inject_adapter(adapter_name, peft_config, loading=_loading)
+        if not autocast_adapter_dtype:
+            self.base_model.cast_adapter_dtype(adapter_name, autocast_adapter_dtype=False)
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name``. As in PEFT, its parameters become trainable (also for an adapter loaded for
+        inference) unless ``inference_mode=True``; every other adapter's are frozen."""
+        if inference_mode:
+            self.base_model.set_adapter(adapter_name, inference_mode=True)
+        else:
+            self.base_model.set_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' parameters (and their modules_to_save copies) on or off, whether
+        active or not; nothing else changes."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """``with model.disable_adapter():`` runs the plain base model."""
+        """``with model.disable_adapter():`` runs the plain base model. Nested in another ``disable_adapter()`` (or
+        after ``disable_adapter_layers()``), leaving it keeps the adapters disabled, as in PEFT."""
+        if self.base_model.adapters_are_disabled:
+            yield
+            return
         with self.base_model.adapters_disabled():
             yield
 
@@ -267,10 +343,15 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         is_main_process: bool = True,
         format: str = "peftkit",
+        save_embedding_layers: Union[str, bool] = "auto",
+        path_initial_model_for_weight_conversion: Optional[str] = None,
         **_: Any,
     ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` per adapter ("default" in the folder's
-        root, any other in a sub-folder of its name).
+        root, any other in a sub-folder of its name) and a ``README.md`` model card if there is none.
+        ``safe_serialization=False`` writes ``adapter_model.bin`` (torch.save) instead; ``save_embedding_layers=True``
+        also stores the base input/output embedding weights (as PEFT does); ``"auto"`` and ``False`` store only the
+        adapter.
 
         The folder is replaced as a whole (see :func:`peftkit.engine.io.replace_folder`): after a crash it holds
         the complete old or the complete new adapters, never a mix; other files in it are kept. Everything is
@@ -279,11 +360,17 @@ class PeftModel(nn.Module):
         ``format="adapterhub"`` writes AdapterHub's folder layout instead (bottleneck adapters), which ``adapters``
         loads with ``load_adapter``."""
         from peftkit.engine.config import CONFIG_NAME
-        from peftkit.engine.io import CONFIG_DIGEST_KEY, LEGACY_WEIGHTS_NAME, config_digest, replace_folder
+        from peftkit.engine.io import (CONFIG_DIGEST_KEY, LEGACY_WEIGHTS_NAME, config_digest, replace_folder,
+                                       save_tensors_torch)
         from peftkit.engine.tuner import NO_ADAPTERS_MESSAGE, _check_adapter_name
 
         if format not in ("peftkit", "peft", "adapterhub"):
             raise ValueError(f"format={format!r}: use 'peftkit' (the default, PEFT's layout) or 'adapterhub'.")
+        if save_embedding_layers not in ("auto", True, False):
+            raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}.")
+        initial = None
+        if path_initial_model_for_weight_conversion is not None:
+            initial = load_tensors(resolve_weights_file(path_initial_model_for_weight_conversion))
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder.")
         if not self.peft_config:
@@ -314,6 +401,13 @@ class PeftModel(nn.Module):
                     "before merging, or save the merged base model with its own save_pretrained."
                 )
             config = copy.deepcopy(self.peft_config[name])
+            if initial is not None:
+                tensors, config = _convert_to_plain_lora(tensors, config, initial)
+            if save_embedding_layers is True:
+                from peftkit.engine.save_load import CHECKPOINT_PREFIX, _embedding_base_map
+
+                for key, t in _embedding_base_map(self.base_model).items():
+                    tensors.setdefault(CHECKPOINT_PREFIX + key, t.detach())
             config.inference_mode = True
             text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
             metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(json.loads(text))}
@@ -325,14 +419,51 @@ class PeftModel(nn.Module):
             folder, base = os.path.split(relpath)
             return folder in written and base in ours
 
+        card_config = self.peft_config[names[0]]
+        card_base = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None)
+
         def write(folder: str) -> None:
             for rel, tensors, text, metadata in payload:
                 out_dir = os.path.join(folder, rel) if rel else folder
                 os.makedirs(out_dir, exist_ok=True)
-                save_tensors(tensors, os.path.join(out_dir, SAFETENSORS_NAME), metadata=metadata)
+                if safe_serialization:
+                    save_tensors(tensors, os.path.join(out_dir, SAFETENSORS_NAME), metadata=metadata)
+                else:
+                    save_tensors_torch(tensors, os.path.join(out_dir, LEGACY_WEIGHTS_NAME))
                 atomic_write_text(os.path.join(out_dir, CONFIG_NAME), text)
+            _write_model_card(folder, card_config, card_base)
 
         replace_folder(save_directory, write, replaced)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        create_pr: bool = False,
+        revision: Optional[str] = None,
+        selected_adapters: Optional[Sequence[str]] = None,
+        safe_serialization: bool = True,
+        api: Any = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapters (as :meth:`save_pretrained` does) and upload them to the Hugging Face hub repository
+        ``repo_id`` (created if missing) in one commit. ``api``: a ``huggingface_hub.HfApi`` (default: a new one)."""
+        import tempfile
+
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token if isinstance(token, str) else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, selected_adapters=selected_adapters, safe_serialization=safe_serialization,
+                                 **save_kwargs)
+            api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload adapter (peftkit)",
+                revision=revision, create_pr=create_pr,
+            )
 
     def load_adapter(
         self,
@@ -341,13 +472,19 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
         subfolder: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+        ignore_mismatched_sizes: bool = False,
+        low_cpu_mem_usage: bool = False,
         *,
         allow_nonfinite: bool = False,
         allow_missing_keys: bool = False,
         **hub_kwargs: Any,
-    ) -> None:
-        """Add the adapter saved at ``model_id`` as ``adapter_name``. Checkpoint tensors that are NaN/inf, missing,
-        or of a non-float type are refused (naming the key); ``allow_nonfinite`` / ``allow_missing_keys`` opt out."""
+    ) -> LoadResult:
+        """Load a saved adapter as a new, inactive adapter ``adapter_name``; returns the load result (its
+        ``missing_keys`` and ``unexpected_keys``). ``is_trainable=True`` makes its parameters trainable; otherwise
+        they are frozen and the model is put in eval mode (as PEFT does). Other parameters keep their flags.
+        Checkpoint tensors that are NaN/inf, missing, or of a non-float type are refused (naming the key);
+        ``allow_nonfinite`` / ``allow_missing_keys`` opt out."""
         from peftkit.engine.tuner import _check_adapter_name
 
         _check_adapter_name(adapter_name)
@@ -360,17 +497,19 @@ class PeftModel(nn.Module):
             return
         config, weights = _read_adapter(model_id, subfolder, config, hub_kwargs)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, _loading=True)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, _loading=True)
         try:
-            set_adapter_state_dict(self.base_model, weights, adapter_name, allow_nonfinite=allow_nonfinite,
-                                   allow_missing_keys=allow_missing_keys)
+            result = set_adapter_state_dict(self.base_model, weights, adapter_name,
+                                            ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                            allow_nonfinite=allow_nonfinite, allow_missing_keys=allow_missing_keys)
         except Exception:
             self.base_model._discard_partial_adapter(adapter_name)  # the model is left as it was
             raise
-        if not is_trainable:
-            for _, layer in self.base_model.adapter_layers():
-                for _, p in layer.adapter_parameters(adapter_name):
-                    p.requires_grad_(False)
+        if is_trainable:
+            self.set_requires_grad(adapter_name)
+        else:
+            self.eval()
+        return result
 
     @classmethod
     def from_pretrained(
@@ -381,6 +520,9 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: Optional[PeftConfig] = None,
         subfolder: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+        ignore_mismatched_sizes: bool = False,
+        low_cpu_mem_usage: bool = False,
         *,
         allow_nonfinite: bool = False,
         allow_missing_keys: bool = False,
@@ -388,8 +530,9 @@ class PeftModel(nn.Module):
     ) -> "PeftModel":
         """Load an adapter saved by peftkit, Hugging Face PEFT or AdapterHub onto ``model`` (local folder or hub id).
 
-        The config and weights are read as one pair (a folder mixing two saves is refused). Checkpoint tensors
-        that are NaN/inf, missing, or of a non-float type are refused naming the key; ``allow_nonfinite=True`` /
+        A ``config`` passed in is used as is (``model.peft_config[adapter_name] is config``, as in PEFT). The config
+        and weights are read as one pair (a folder mixing two saves is refused). Checkpoint tensors that are NaN/inf,
+        missing, or of a non-float type are refused naming the key; ``allow_nonfinite=True`` /
         ``allow_missing_keys=True`` load such checkpoints anyway (missing tensors keep their initial values)."""
         from peftkit.engine.adapterhub import is_adapterhub_folder, load_adapterhub
         from peftkit.engine.tuner import _check_adapter_name
@@ -400,14 +543,17 @@ class PeftModel(nn.Module):
         _refuse_foreign_adapters(model)
         if config is None and subfolder is None and is_adapterhub_folder(model_id):
             return load_adapterhub(cls, model, model_id, adapter_name, is_trainable)
+        keep_config = config is not None
         config, weights = _read_adapter(model_id, subfolder, config, hub_kwargs)
         config.inference_mode = not is_trainable
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        peft_model = target_cls(model, config, adapter_name, _loading=True)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                _loading=True, _keep_config=keep_config)
         try:
-            set_adapter_state_dict(peft_model.base_model, weights, adapter_name, allow_nonfinite=allow_nonfinite,
-                                   allow_missing_keys=allow_missing_keys)
+            set_adapter_state_dict(peft_model.base_model, weights, adapter_name,
+                                   ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                   allow_nonfinite=allow_nonfinite, allow_missing_keys=allow_missing_keys)
         except Exception:
             # A checkpoint that does not fit leaves the user's model as it was: unwrapped, flags restored.
             peft_model.base_model._discard_partial_adapter(adapter_name)
@@ -428,11 +574,62 @@ def _read_adapter(
     parsed, _, weights, _ = read_checkpoint(
         model_id, subfolder=subfolder, read_config=config is None, parse=PeftConfig.from_file_data, **hub_kwargs
     )
-    if config is None:
-        config = parsed
-    else:
-        config = copy.deepcopy(config)
-    return config, weights
+    return (parsed if config is None else config), weights  # a config passed in is used as is, as in PEFT
+
+
+def _convert_to_plain_lora(tensors: dict, config: PeftConfig, initial: dict) -> tuple[dict, PeftConfig]:
+    """A PiSSA/OLoRA adapter (trained on the residual base W - s B0 A0) as a plain LoRA adapter for the original
+    base W: rank 2r with A' = [A; A0], B' = [B, -B0], so s B' A' = s (B A - B0 A0); alpha is raised to keep s.
+    ``initial``: the adapter's tensors saved right after initialisation (before training)."""
+    if str(config.peft_type) != "LORA":
+        raise ValueError("path_initial_model_for_weight_conversion converts LoRA (PiSSA/OLoRA) adapters only, "
+                         f"not {config.peft_type}.")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("path_initial_model_for_weight_conversion cannot be combined with use_rslora=True and a "
+                         "rank_pattern / alpha_pattern (as in PEFT).")
+    init = str(config.init_lora_weights).lower()
+    if not init.startswith(("pissa", "olora", "true")):
+        import warnings
+
+        warnings.warn("path_initial_model_for_weight_conversion only makes sense for a PiSSA/OLoRA adapter; "
+                      f"this one has init_lora_weights={config.init_lora_weights!r}.")
+    out = dict(tensors)
+    for key, value in tensors.items():
+        is_a = ".lora_A." in key or key.endswith(".lora_A") or ".lora_embedding_A" in key
+        is_b = ".lora_B." in key or key.endswith(".lora_B") or ".lora_embedding_B" in key
+        if not (is_a or is_b):
+            continue
+        if key not in initial:
+            raise ValueError(f"The initial adapter has no {key}; pass the folder saved right after initialising "
+                             "this same adapter (same targets and ranks).")
+        first = initial[key].to(device=value.device, dtype=value.dtype)
+        if first.shape != value.shape:
+            raise ValueError(f"The initial adapter's {key} has shape {tuple(first.shape)}, the trained one "
+                             f"{tuple(value.shape)}; they must come from the same configuration.")
+        out[key] = torch.cat([value, first], dim=0) if is_a else torch.cat([value, -first], dim=1)
+    config.r *= 2
+    config.lora_alpha = config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2)
+    config.rank_pattern = {k: 2 * v for k, v in (config.rank_pattern or {}).items()}
+    config.alpha_pattern = {k: 2 * v for k, v in (config.alpha_pattern or {}).items()}
+    config.init_lora_weights = True
+    return out, config
+
+
+def _write_model_card(out_dir: str, config: Optional[PeftConfig], base: Optional[str] = None) -> None:
+    """A short ``README.md`` in the save folder (as PEFT writes one); an existing card is left untouched.
+    ``base_model`` is the wrapped model's own name (its ``config._name_or_path``), as in PEFT; none for a custom
+    model without a config."""
+    path = os.path.join(out_dir, "README.md")
+    if config is None or os.path.exists(path):
+        return
+    from peftkit.engine.io import atomic_write_text
+
+    front = ["---"] + ([f"base_model: {base}"] if base else []) + ["library_name: peft", "tags:", "- peftkit",
+                                                                     f"- {str(config.peft_type).lower()}", "---"]
+    body = [f"# {str(config.peft_type)} adapter" + (f" for {base}" if base else ""), "",
+            "Saved by peftkit in Hugging Face PEFT's format (adapter_config.json + adapter weights); it loads with",
+            "`peftkit.PeftModel.from_pretrained(base_model, path)` or `peft.PeftModel.from_pretrained(...)`."]
+    atomic_write_text(path, "\n".join(front + [""] + body) + "\n")
 
 
 class PeftModelForSequenceClassification(PeftModel):

@@ -488,7 +488,7 @@ class PromptLearningModel(AdapterModel):
         self._hook_handles = []
 
     # ------------------------------------------------------------------------------------------ management
-    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for n in names:
             if n not in self.peft_config:
@@ -498,7 +498,7 @@ class PromptLearningModel(AdapterModel):
                 f"{self.method.peft_type} adapters cannot be combined: activate exactly one (got {names})."
             )
         for n, module in self.prompt_encoder.items():
-            module.requires_grad_(n == names[0] and not self.peft_config[n].inference_mode)
+            module.requires_grad_(n == names[0] and not inference_mode)  # PEFT's rule (engine's set_adapter)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.set_adapter(names)
         self.active_adapters = names

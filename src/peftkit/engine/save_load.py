@@ -8,7 +8,7 @@ A ``modules_to_save`` copy ``P.modules_to_save.a.<param>`` is stored as ``base_m
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -40,8 +40,9 @@ def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str,
             out[f"{path}.{_strip_adapter(local, adapter_name)}"] = buf
     for path, wrapper in model.modules_to_save_wrappers():
         if adapter_name in wrapper.modules_to_save:
-            for name, p in wrapper.modules_to_save[adapter_name].named_parameters():
-                out[f"{path}.{name}"] = p
+            # parameters and persistent buffers (a norm's running statistics), as in the module's state_dict
+            for name, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{path}.{name}"] = t
     config = model.peft_config[adapter_name]
     bias = getattr(config, "bias", "none")
     if bias == "all":
@@ -92,6 +93,15 @@ def _embedding_base_map(model: "AdapterModel") -> dict[str, torch.Tensor]:
     return out
 
 
+class LoadResult(NamedTuple):
+    """What a load did not use (``unexpected_keys``, checkpoint keys) and what it did not fill (``missing_keys``,
+    the adapter's parameter names in the model, e.g. ``base_model.model.q.lora_A.default.weight``), as PEFT's
+    ``load_adapter`` reports them."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
 def _check_value(key: str, live: torch.Tensor, value: torch.Tensor, allow_nonfinite: bool) -> None:
     """Refuse a checkpoint tensor whose kind (float / integer / bool) differs from the model's, or that holds
     NaN/inf: a cast or a NaN would load silently and give wrong outputs."""
@@ -116,17 +126,21 @@ def set_adapter_state_dict(
     model: "AdapterModel",
     state_dict: dict[str, torch.Tensor],
     adapter_name: str,
+    ignore_mismatched_sizes: bool = False,
     *,
     allow_nonfinite: bool = False,
     allow_missing_keys: bool = False,
-) -> None:
+) -> "LoadResult":
     """Copy a PEFT-layout checkpoint into adapter ``adapter_name``. Nothing is written unless every tensor fits.
 
     Refused, naming the key: a shape that does not fit, a tensor of another kind (integer/bool for float), NaN or
     inf values (``allow_nonfinite=True`` allows them), an adapter tensor the checkpoint lacks
-    (``allow_missing_keys=True`` keeps its initial value instead, with a warning).
+    (``allow_missing_keys=True`` keeps its initial value instead, with a warning). With
+    ``ignore_mismatched_sizes=True`` tensors of another shape are skipped with a warning and reported as missing,
+    as in PEFT. Returns what was not used and not filled (:class:`LoadResult`).
     Base embedding weights that PEFT stores next to the adapter are copied into the base model, as PEFT does.
     """
+    mismatched = []
     targets = adapter_parameter_map(model, adapter_name)
     engine = model.engine_adapter_tensors(adapter_name)  # full checkpoint keys
     prefix = getattr(type(model), "checkpoint_prefix", CHECKPOINT_PREFIX)
@@ -156,6 +170,9 @@ def set_adapter_state_dict(
             unexpected.append(key)
             continue
         live = targets_for_key[short]
+        if tuple(live.shape) != tuple(value.shape) and ignore_mismatched_sizes:
+            mismatched.append((id(live), f"{key}: checkpoint {tuple(value.shape)}, model {tuple(live.shape)}"))
+            continue
         if tuple(live.shape) != tuple(value.shape):
             raise ValueError(
                 f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects {tuple(live.shape)}. "
@@ -163,7 +180,7 @@ def set_adapter_state_dict(
             )
         _check_value(key, live, value, allow_nonfinite)
         plan.append((live, value))
-    if not plan:
+    if not plan and not mismatched:
         sample = ", ".join(list(state_dict)[:3])
         expected = ", ".join([prefix + k for k in list(targets)[:3]] + list(engine)[:3])
         raise ValueError(
@@ -177,8 +194,9 @@ def set_adapter_state_dict(
             "model.to_empty(device='cpu') and load its base weights, then load the adapter."
         )
     loaded = {id(live) for live, _ in plan}
-    missing = [prefix + k for k, t in targets.items() if id(t) not in loaded]
-    missing += [k for k, t in engine.items() if id(t) not in loaded]
+    skipped = {i for i, _ in mismatched}  # the user asked for these to keep their initial values
+    missing = [prefix + k for k, t in targets.items() if id(t) not in loaded and id(t) not in skipped]
+    missing += [k for k, t in engine.items() if id(t) not in loaded and id(t) not in skipped]
     # A modules_to_save copy the checkpoint lacks keeps the base module's own values (not a random init), as in
     # PEFT, whose checkpoints of some methods (Llama-Adapter on a classifier) never hold the head: warn only.
     copies = {id(t) for _, w in model.modules_to_save_wrappers() for t in w.modules_to_save.parameters()}
@@ -198,10 +216,19 @@ def set_adapter_state_dict(
         )
     if missing:
         logger.warning("Adapter tensors not found in the checkpoint (left as initialised): %s", ", ".join(missing[:10]))
+    if mismatched:
+        logger.warning("Skipped checkpoint tensors of another shape (ignore_mismatched_sizes=True; left as "
+                       "initialised): %s", "; ".join(m for _, m in mismatched[:10]))
     with torch.no_grad():
         for live, value in plan:
             live.copy_(value.to(device=live.device, dtype=live.dtype))
     model.after_adapter_loaded(adapter_name)
+    names = {id(t): f"base_model.{n}" for n, t in model.state_dict(keep_vars=True).items()}
+    method_prefix = model.method.prefix
+    missing_names = [names.get(id(t), prefix + k) for k, t in targets.items() if id(t) not in loaded]
+    # as PEFT: only the adapter layers' own tensors count as missing (not modules_to_save copies)
+    missing_names = [n for n in missing_names if method_prefix in n and adapter_name in n]
+    return LoadResult(missing_names, list(unexpected))
 
 
-__all__ = ["get_adapter_state_dict", "set_adapter_state_dict", "CHECKPOINT_PREFIX", "ModulesToSaveWrapper"]
+__all__ = ["get_adapter_state_dict", "set_adapter_state_dict", "LoadResult", "CHECKPOINT_PREFIX", "ModulesToSaveWrapper"]

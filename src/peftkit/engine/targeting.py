@@ -9,6 +9,11 @@ from typing import Optional, Sequence, Union
 import torch.nn as nn
 
 ALL_LINEAR = "all-linear"
+
+
+class NoMatchingPeftModuleError(ValueError):
+    """The adapter being added matched no module of the model (as PEFT names it; a ValueError, so code that catches
+    ValueError keeps working)."""
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
@@ -107,7 +112,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
                 continue
         found.append(key)
     if not found:
-        raise ValueError(no_match_message(model, config))
+        raise NoMatchingPeftModuleError(no_match_message(model, config))
     return found
 
 

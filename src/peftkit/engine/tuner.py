@@ -7,6 +7,8 @@ targeted module and otherwise works only through the :class:`~peftkit.engine.lay
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -69,6 +71,24 @@ def _reserved_adapter_names() -> set[str]:
     return _RESERVED
 
 
+def _warn_unmatched_patterns(config: TargetedConfig, targets: Sequence[str]) -> None:
+    """As PEFT: a rank_pattern / alpha_pattern key that matches no targeted module is reported (it has no effect)."""
+    if str(config.peft_type) == "ADALORA":  # AdaLoRA's rank_pattern is its pruning record, not a user override
+        return
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None)
+        if not patterns:
+            continue
+        unmatched = sorted(
+            k for k in patterns if not any(t == k or re.match(rf"(.*\.)?({k})$", t) for t in targets)
+        )
+        if unmatched:
+            warnings.warn(
+                f"The following {attr} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+            )
+
+
 class AdapterModel(nn.Module):
     """Holds the user's model as ``self.model`` (so state-dict keys read ``base_model.model.<path>`` inside a
     :class:`~peftkit.engine.peft_model.PeftModel`, as in Hugging Face PEFT) and the adapters injected into it."""
@@ -99,6 +119,21 @@ class AdapterModel(nn.Module):
         if not self.peft_config:
             raise ValueError(NO_ADAPTERS_MESSAGE)
         return method_for_config(next(iter(self.peft_config.values())))
+
+    @property
+    def prefix(self) -> str:
+        """The method's parameter-name prefix, e.g. ``"lora_"``."""
+        return self.method.prefix
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (relative to the wrapped model) of the modules that hold adapter layers."""
+        return [name for name, _ in self.adapter_layers()]
+
+    @property
+    def adapters_are_disabled(self) -> bool:
+        layers = [layer for _, layer in self.adapter_layers()]
+        return bool(layers) and all(layer.adapters_disabled for layer in layers)
 
     @property
     def active_adapter(self) -> Union[str, list[str]]:
@@ -176,15 +211,25 @@ class AdapterModel(nn.Module):
                     "manage (was get_peft_model called twice on the same model?). Call unload() or "
                     "merge_and_unload() on the first PeftModel, or add_adapter() to it under a new name."
                 )
+        with_bias = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if with_bias and getattr(config, "bias", "none") != "none":
+            raise ValueError(
+                f"Only one adapter of a model can train biases, and {with_bias[0]!r} has bias="
+                f"{getattr(self.peft_config[with_bias[0]], 'bias')!r}; add {adapter_name!r} with bias='none' (as PEFT "
+                "requires)."
+            )
         spec = method_for_config(config)
         config = self._resolve_targets(config, spec)
         first_adapter = not self.peft_config
+        # As in PEFT, adding an adapter never changes whether the parameters already there train.
+        existing_flags = [] if first_adapter else [(p, p.requires_grad) for p in self.model.parameters()]
         self.peft_config[adapter_name] = config
 
         try:
             targets = find_targets(self.model, config)
             for name in targets:  # before any allocation: a rank beyond the layer size is refused
                 check_rank_against_layer(config, name, self.model.get_submodule(name))
+            _warn_unmatched_patterns(config, targets)
             wrapped, skipped = 0, []
             for name in targets:
                 module = self.model.get_submodule(name)
@@ -214,12 +259,17 @@ class AdapterModel(nn.Module):
             raise
 
         if first_adapter:
-            for name, p in self.model.named_parameters():
-                if not self._is_adapter_param(name):
+            adapter_ids = self._adapter_param_ids()
+            for p in self.model.parameters():
+                if id(p) not in adapter_ids:
                     p.requires_grad_(False)
             self._mark_bias_trainable(config)
             self.active_adapters = [adapter_name]
-        self.set_adapter(self.active_adapters)
+            self.set_adapter(self.active_adapters, inference_mode=bool(config.inference_mode))
+        else:
+            self.set_adapter(self.active_adapters)  # the new adapter is inactive, hence frozen
+            for p, flag in existing_flags:
+                p.requires_grad_(flag)
 
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection so that the model is as it was before."""
@@ -235,6 +285,17 @@ class AdapterModel(nn.Module):
             if len(wrapper.modules_to_save) == 0:
                 parent, attr = _get_parent(self.model, name)
                 setattr(parent, attr, wrapper.original_module)
+
+    def _adapter_param_ids(self) -> set[int]:
+        """Ids of every adapter parameter and modules_to_save copy, found structurally (through the adapter layers
+        and wrappers), so that a base module whose name starts with the method's prefix is not taken for one."""
+        ids: set[int] = set()
+        for _, layer in self.adapter_layers():
+            for slot in layer.adapter_slots:
+                ids.update(id(p) for p in getattr(layer, slot).parameters())
+        for _, wrapper in self.modules_to_save_wrappers():
+            ids.update(id(p) for p in wrapper.modules_to_save.parameters())
+        return ids
 
     def _is_adapter_param(self, param_name: str) -> bool:
         prefix = self.method.prefix
@@ -275,7 +336,9 @@ class AdapterModel(nn.Module):
                     b.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------ management
-    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names``; as in PEFT their parameters train unless ``inference_mode``, the others'
+        do not."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if not names:
             raise ValueError(
@@ -293,18 +356,49 @@ class AdapterModel(nn.Module):
                     "copy can be used at a time; activate them one by one, or use adapter_names= per row."
                 )
         for _, layer in self.adapter_layers():
-            layer.set_adapter(names)
-            for n in names:
-                if n in layer.adapter_configs and self.peft_config[n].inference_mode:
-                    for _, p in layer.adapter_parameters(n):
-                        p.requires_grad_(False)
+            layer.set_adapter(names, inference_mode=inference_mode)
         for _, wrapper in self.modules_to_save_wrappers():
-            wrapper.set_adapter(names)
+            wrapper.set_adapter(names, inference_mode=inference_mode)
         self.active_adapters = names
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Gradients on or off for the named adapters' parameters and modules_to_save copies (active or not)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"No adapter named {n!r}; this model has: {', '.join(self.peft_config) or 'none'}.")
+        for _, layer in self.adapter_layers():
+            for n in names:
+                for _, p in layer.adapter_parameters(n):
+                    p.requires_grad_(requires_grad)
+        for _, wrapper in self.modules_to_save_wrappers():
+            for n in names:
+                if n in wrapper.modules_to_save:
+                    wrapper.modules_to_save[n].requires_grad_(requires_grad)
+
+    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """``autocast_adapter_dtype=False``: put the adapter's floating-point parameters in the dtype of the base
+        layer they adapt (e.g. bfloat16), instead of the float32 kept by default for half-precision bases."""
+        if autocast_adapter_dtype:
+            return  # the default: layers already create float32 adapters on float16/bfloat16 bases
+        for _, layer in self.adapter_layers():
+            if adapter_name not in layer.adapter_configs:
+                continue
+            dtype = layer.get_base_layer().weight.dtype
+            if not dtype.is_floating_point:
+                continue
+            for _, p in layer.adapter_parameters(adapter_name):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"No adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}.")
+            raise ValueError(f"Adapter {adapter_name} does not exist. No adapter named {adapter_name!r}; this model "
+                             f"has: {', '.join(self.peft_config)}.")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
+            # checked before any layer changes (PEFT's message)
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in self.modules_to_save_wrappers():
@@ -318,12 +412,21 @@ class AdapterModel(nn.Module):
             self.set_adapter(remaining)
 
     def enable_adapter_layers(self, enabled: bool = True) -> None:
+        """PEFT's rules for gradients: disabling freezes every adapter parameter; enabling re-activates the active
+        adapters, which makes them trainable."""
         for _, layer in self.adapter_layers():
             if not enabled and layer.merged:
                 layer.unmerge()
             layer.adapters_disabled = not enabled
+            if not enabled:
+                for slot in layer.adapter_slots:
+                    getattr(layer, slot).requires_grad_(False)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.adapters_disabled = not enabled
+            if not enabled:
+                wrapper.modules_to_save.requires_grad_(False)
+        if enabled and self.active_adapters:
+            self.set_adapter(self.active_adapters)
 
     def disable_adapter_layers(self) -> None:
         self.enable_adapter_layers(False)
@@ -352,6 +455,18 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{self.method.peft_type} adapters cannot be merged into the base weights.")
         names = self._check_names(adapter_names)
         layers = list(self.adapter_layers())
+        for path, layer in layers:  # refused before any weight changes
+            refusal = getattr(layer, "merge_refusal", lambda: None)()
+            if refusal and any(n in layer.adapter_configs for n in names):
+                raise NotImplementedError(f"{path}: {refusal}")
+        already = [n for n in dict.fromkeys(m for _, layer in layers for m in layer.merged_adapters)]
+        if already:  # as PEFT warns
+            rest = [n for n in names if n not in already]
+            if rest:
+                warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally "
+                              f"merging {','.join(rest)}.")
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
         if safe_merge:
             # Check every layer before writing any, so that a failure leaves all base weights untouched.
             for path, layer in layers:

@@ -403,11 +403,11 @@ class BottleneckModel(AdapterModel):
         if adapter_name in self.adapters_shared:
             del self.adapters_shared[adapter_name]
 
-    def set_adapter(self, adapter_names: Any) -> None:
-        super().set_adapter(adapter_names)
+    def set_adapter(self, adapter_names: Any, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
         for name, params in self.adapters_shared.items():
             cfg = self.peft_config[name]
-            on = name in self.active_adapters and not cfg.inference_mode and bool(cfg.learn_phm)
+            on = name in self.active_adapters and not inference_mode and bool(cfg.learn_phm)
             for p in params.values():
                 p.requires_grad_(on)
         for _, layer in self.adapter_layers():  # a per-layer PHM rule trains only with learn_phm

@@ -171,14 +171,14 @@ def create_ln_tuning_layer(target: nn.Module, adapter_name: str, config: LNTunin
 class LNTuningModel(AdapterModel):
     """The engine, refusing more than one active LN tuning adapter before anything changes."""
 
-    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if len(names) > 1:
             raise ValueError(
                 f"LN tuning adapters each replace the norm layers' parameters, so only one can be active at a time "
                 f"(got {names}); activate one, or use adapter_names= to choose one per row."
             )
-        super().set_adapter(names)
+        super().set_adapter(names, inference_mode=inference_mode)
 
 
 LN_TUNING = register_method(

@@ -75,9 +75,10 @@ class LoraConfig(TargetedConfig):
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa") or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "orthogonal") or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
             raise ValueError(
-                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>'."
+                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+                "'pissa_niter_<n>', 'olora' or 'orthogonal'."
             )
         if isinstance(init, str) and init.startswith("pissa_niter_") and int(init.rsplit("_", 1)[1]) > PISSA_MAX_NITER:
             raise ValueError(
@@ -85,8 +86,11 @@ class LoraConfig(TargetedConfig):
                 f"more than {PISSA_MAX_NITER} gain no accuracy and can run for days. Use 'pissa_niter_4' to "
                 "'pissa_niter_16' (fast SVD), or 'pissa' (exact SVD)."
             )
-        if self.use_dora and str(init).startswith("pissa"):
-            raise ValueError("PiSSA initialisation cannot be combined with use_dora.")
+        if init == "orthogonal" and (self.r % 2 or any(v % 2 for v in (self.rank_pattern or {}).values())):
+            raise ValueError(f"init_lora_weights='orthogonal' needs even ranks, got r={self.r}"
+                             f"{' and rank_pattern=' + str(self.rank_pattern) if self.rank_pattern else ''}.")
+        if self.use_dora and (str(init).startswith("pissa") or init == "olora"):
+            raise ValueError(f"init_lora_weights={init!r} cannot be combined with use_dora.")
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -185,6 +189,13 @@ class Linear(LoraLayer):
             nn.init.zeros_(b.weight)  # overwritten by the checkpoint; keep creation cheap and data-independent
         elif isinstance(init, str) and init.startswith("pissa"):
             self._pissa_init(adapter_name, init)
+        elif init == "olora":
+            self._olora_init(adapter_name)
+        elif init == "orthogonal":
+            new_a, new_b = lora_ops.orthogonal_factors(self.in_features, self.out_features, r, dtype, base_w.device)
+            with torch.no_grad():
+                a.weight.copy_(new_a)
+                b.weight.copy_(new_b)
         else:
             lora_ops.init_factors(a.weight, b.weight, init, r)
         if config.use_dora:
@@ -204,6 +215,18 @@ class Linear(LoraLayer):
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         niter = int(init.rsplit("_", 1)[1]) if init.startswith("pissa_niter_") else None
         new_a, new_b, residual = lora_ops.pissa_factors(weight, a.shape[0], self.scaling[adapter_name], niter)
+        with torch.no_grad():
+            if not residual_only:
+                a.copy_(new_a)
+                b.copy_(new_b)
+            base.weight.copy_(residual.t() if self.fan_in_fan_out else residual)
+
+    def _olora_init(self, adapter_name: str, residual_only: bool = False) -> None:
+        """OLoRA: A, B from the QR decomposition of W, W replaced by the residual (``residual_only``: on load)."""
+        base = self.get_base_layer()
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        new_a, new_b, residual = lora_ops.olora_factors(self._oriented_base_weight(), a.shape[0],
+                                                        self.scaling[adapter_name])
         with torch.no_grad():
             if not residual_only:
                 a.copy_(new_a)
@@ -272,7 +295,8 @@ class Linear(LoraLayer):
         key = (w.data_ptr(), w._version, w.device, self.fan_in_fan_out)
         cache = getattr(self, "_w_sq_cache", None)
         if cache is None or cache[0] != key:
-            with torch.no_grad():
+            # a normal tensor even under torch.inference_mode(): it is reused by later training steps
+            with torch.inference_mode(False), torch.no_grad():
                 sq = torch.linalg.vector_norm(self._oriented_base_weight(), dim=1, dtype=torch.float32).square()
             self._w_sq_cache = cache = (key, sq)
         return cache[1]
@@ -332,8 +356,9 @@ class Embedding(LoraLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
         r = self._set_hyper(adapter_name, config, module_name)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa"):
-            raise ValueError("PiSSA initialisation is supported for linear layers only, not for nn.Embedding.")
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
+                             f"not for nn.Embedding ({module_name}); exclude it from target_modules.")
         w = self.get_base_layer().weight
         dtype = adapter_dtype(w)
         a = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
@@ -386,14 +411,17 @@ class ConvNd(LoraLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
         r = self._set_hyper(adapter_name, config, module_name)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa"):
-            raise ValueError("PiSSA initialisation is supported for linear layers only, not for convolutions.")
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
+                             f"not for convolutions ({module_name}); exclude it from target_modules.")
         base = self.get_base_layer()
         dtype = adapter_dtype(base.weight)
         nd = base.weight.dim() - 2
         a = self._conv_cls(self.in_features, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation,
                            bias=False, device=base.weight.device, dtype=dtype)
-        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, bias=False, device=base.weight.device, dtype=dtype)
+        # grouped base convolution (as in PEFT): A mixes all input channels, B maps rank to outputs per group
+        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, groups=base.groups, bias=False,
+                           device=base.weight.device, dtype=dtype)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
         if loading:
             nn.init.zeros_(b.weight)
@@ -404,7 +432,16 @@ class ConvNd(LoraLayer):
             norm = weight.norm(p=2, dim=_norm_dims(weight), keepdim=True).transpose(1, 0)
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.detach().to(dtype))
 
+    def merge_refusal(self) -> Optional[str]:
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            return (f"LoRA on a grouped convolution (groups={groups}) cannot be merged into its weight (as in PEFT); "
+                    "use it unmerged.")
+        return None
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.merge_refusal():
+            raise NotImplementedError(self.merge_refusal())
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         r = a.shape[0]
         base_shape = self.get_base_layer().weight.shape
@@ -449,7 +486,12 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
         layer = Embedding(target)
     elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if base.groups != 1:
-            raise ValueError(f"LoRA does not support grouped convolutions ({module_name} has groups={base.groups}).")
+            ranks = {pattern_value(config.rank_pattern, module_name, config.r)}
+            if any(r % base.groups for r in ranks) or config.use_dora:
+                raise ValueError(
+                    f"LoRA on the grouped convolution {module_name} (groups={base.groups}) needs a rank divisible by "
+                    f"groups and no DoRA; got r={ranks.pop()}{', use_dora=True' if config.use_dora else ''}."
+                )
         layer = ConvNd(target)
     else:
         return None
@@ -464,11 +506,14 @@ class LoraModel(AdapterModel):
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the
         base weights become the residual of W's SVD so that loading onto the original base model reproduces it."""
         init = self.peft_config[adapter_name].init_lora_weights
-        if not (isinstance(init, str) and init.startswith("pissa")):
+        if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
             return
         for _, layer in self.adapter_layers():
             if isinstance(layer, Linear) and adapter_name in layer.adapter_configs:
-                layer._pissa_init(adapter_name, init, residual_only=True)
+                if init == "olora":
+                    layer._olora_init(adapter_name, residual_only=True)
+                else:
+                    layer._pissa_init(adapter_name, init, residual_only=True)
 
     def add_weighted_adapter(
         self,
@@ -486,12 +531,15 @@ class LoraModel(AdapterModel):
 
         ``"cat"`` concatenates the factors (exact: delta = sum_i w_i delta_i); ``"linear"`` averages the factors
         (needs equal ranks; each factor pair weighted by sqrt(w_i * scaling_i), as in PEFT); ``"svd"`` truncates the
-        SVD of sum_i w_i delta_i to ``svd_rank`` (default: the largest rank).
+        SVD of sum_i w_i delta_i to ``svd_rank`` (default: the largest rank). ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"``, ``"magnitude_prune"`` merge the A and B factors (equal ranks) by task arithmetic: prune each
+        to ``density`` (by magnitude; DARE at random, rescaled), weight by sqrt(w_i * scaling_i), and for TIES keep
+        only entries whose sign agrees with the elected sign (``majority_sign_method`` "total" or "frequency").
         """
         from peftkit.methods.lora.lora_combine import add_weighted_adapter
 
         add_weighted_adapter(self, list(adapters), list(weights), adapter_name, combination_type, svd_rank, svd_clamp,
-                             svd_full_matrices)
+                             svd_full_matrices, density=density, majority_sign_method=majority_sign_method)
 
 
 LORA = register_method(

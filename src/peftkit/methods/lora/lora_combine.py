@@ -1,4 +1,5 @@
-"""Combining LoRA adapters into a new one: ``cat`` (exact), ``linear`` (factor averaging) and ``svd``."""
+"""Combining LoRA adapters into a new one: ``cat`` (exact), ``linear`` (factor averaging), ``svd``, and the
+task-arithmetic merges applied to the factors: ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,53 @@ from typing import Optional
 import torch
 
 
+TASK_ARITHMETIC = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+# the same merges applied to the full deltas (B A scaling) of each adapter, then truncated by SVD like "svd"
+TASK_ARITHMETIC_SVD = tuple(f"{k}_svd" for k in TASK_ARITHMETIC)
+
+
+def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude, zero the rest."""
+    k = int(density * t.numel())
+    keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    if k > 0:
+        keep[torch.topk(t.abs().reshape(-1), k=k).indices] = 1
+    return t * keep.reshape(t.shape)
+
+
+def _random_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE: drop entries at random, keeping each with probability ``density``, and rescale by 1 / density."""
+    keep = torch.bernoulli(torch.full_like(t, density))
+    return t * keep / density
+
+
+def _sign_consensus(stacked: torch.Tensor, method: str) -> torch.Tensor:
+    """Where each entry's sign agrees with the elected sign (TIES): by total mass or by count of signs."""
+    votes = stacked.sum(dim=0) if method == "total" else stacked.sign().sum(dim=0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
+    return stacked.sign() == elected
+
+
+def _task_arithmetic(tensors: list[torch.Tensor], weights: torch.Tensor, kind: str, density: float,
+                     majority_sign_method: str) -> torch.Tensor:
+    """Merge same-shape tensors with per-tensor ``weights`` by one of TASK_ARITHMETIC's methods."""
+    if kind in ("ties", "magnitude_prune"):
+        tensors = [_magnitude_prune(t, density) for t in tensors]
+    else:  # dare_*
+        tensors = [_random_prune(t, density) for t in tensors]
+    stacked = torch.stack(tensors)
+    w = weights.to(stacked.dtype).reshape((-1,) + (1,) * (stacked.dim() - 1))
+    if kind in ("magnitude_prune", "dare_linear"):
+        return (stacked * w).sum(dim=0)
+    agree = _sign_consensus(stacked, majority_sign_method)
+    kept = (stacked * w * agree).sum(dim=0)
+    return kept / agree.sum(dim=0).clamp(min=1).to(stacked.dtype)
+
+
 def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str,
                          combination_type: str, svd_rank: Optional[int], svd_clamp: Optional[float],
-                         svd_full_matrices: bool) -> None:
+                         svd_full_matrices: bool, density: Optional[float] = None,
+                         majority_sign_method: str = "total") -> None:
     from peftkit.methods.lora.lora import Embedding, LoraLayer
 
     if not adapters or len(adapters) != len(weights):
@@ -20,15 +65,24 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
             raise ValueError(f"No adapter named {n!r}; this model has: {', '.join(model.peft_config)}.")
     if adapter_name in model.peft_config:
         raise ValueError(f"An adapter named {adapter_name!r} already exists.")
-    if combination_type not in ("linear", "cat", "svd"):
-        raise ValueError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}.")
+    if combination_type not in ("linear", "cat", "svd") + TASK_ARITHMETIC + TASK_ARITHMETIC_SVD:
+        raise ValueError(f"combination_type must be one of linear, cat, svd, {', '.join(TASK_ARITHMETIC)} or their "
+                         f"'_svd' forms; got {combination_type!r}.")
+    if combination_type in TASK_ARITHMETIC + TASK_ARITHMETIC_SVD:
+        if density is None or not 0.0 < float(density) <= 1.0:
+            raise ValueError(f"combination_type={combination_type!r} needs density in (0, 1] (the fraction of "
+                             f"entries kept), got {density!r}.")
+        if majority_sign_method not in ("total", "frequency"):
+            raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
     configs = [model.peft_config[n] for n in adapters]
     if any(c.use_dora for c in configs):
         raise ValueError("add_weighted_adapter does not support DoRA adapters (their magnitudes do not combine linearly).")
-    ranks = [c.r for c in configs]
-    if combination_type == "linear":
+    # the largest rank an adapter has in any layer (rank_pattern can raise it above r), so that "cat" has room
+    ranks = [max([c.r, *c.rank_pattern.values()]) if c.rank_pattern else c.r for c in configs]
+    if combination_type == "linear" or combination_type in TASK_ARITHMETIC:
         if len(set(ranks)) != 1 or any(c.rank_pattern for c in configs):
-            raise ValueError("combination_type='linear' needs all adapters to have the same rank; use 'cat' or 'svd'.")
+            raise ValueError(f"combination_type={combination_type!r} needs all adapters to have the same rank; use "
+                             "'cat' or 'svd'.")
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
@@ -74,6 +128,15 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                     c = (abs(w * s)) ** 0.5
                     a_new.add_(a * c * (1 if w * s >= 0 else -1))
                     b_new.add_(b * c)
+            elif combination_type in TASK_ARITHMETIC:
+                # each pair weighted by sqrt(|w s|), the sign on A only (so that B A carries it once), as in PEFT
+                scaled = [w * s for _, _, s, w in factors]
+                coef_b = torch.tensor([abs(v) ** 0.5 for v in scaled])
+                coef_a = torch.tensor([(abs(v) ** 0.5) * (1 if v >= 0 else -1) for v in scaled])
+                a_new.copy_(_task_arithmetic([a for a, _, _, _ in factors], coef_a, combination_type, float(density),
+                                             majority_sign_method))
+                b_new.copy_(_task_arithmetic([b for _, b, _, _ in factors], coef_b, combination_type, float(density),
+                                             majority_sign_method))
             elif combination_type == "cat":
                 row = 0
                 for a, b, s, w in factors:
@@ -82,7 +145,12 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                     b_new[:, row:row + r] = b
                     row += r
             else:
-                delta = sum((b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * (w * s) for a, b, s, w in factors)
+                deltas = [(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * s for a, b, s, _ in factors]
+                if combination_type == "svd":
+                    delta = sum(d * w for d, (_, _, _, w) in zip(deltas, factors))
+                else:
+                    delta = _task_arithmetic(deltas, torch.tensor([w for _, _, _, w in factors]),
+                                             combination_type[: -len("_svd")], float(density), majority_sign_method)
                 u, sv, vh = torch.linalg.svd(delta.float(), full_matrices=svd_full_matrices)
                 k = min(new_rank, sv.numel())  # a layer narrower than svd_rank keeps all its singular values
                 u, sv, vh = u[:, :k], sv[:k], vh[:k, :]

@@ -49,6 +49,28 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: Optional[
     return a, b, residual.to(weight.dtype)
 
 
+def olora_factors(weight: torch.Tensor, r: int, scaling: float):
+    """OLoRA (Buyukakyuz, 2024): from the QR decomposition W = Q R, B = the first r columns of Q (orthonormal),
+    A = the first r rows of R; the residual W - scaling * B @ A stays in the base layer, so the model is unchanged."""
+    w = weight.detach().float()
+    q, rr = torch.linalg.qr(w)  # reduced: q (out, k), rr (k, in), k = min(out, in)
+    b, a = q[:, :r].contiguous(), rr[:r].contiguous()
+    residual = w - scaling * (b @ a)
+    return a, b, residual.to(weight.dtype)
+
+
+def orthogonal_factors(in_features: int, out_features: int, r: int, dtype: torch.dtype, device) -> tuple:
+    """Both factors random and non-zero yet B @ A = 0 (identity at start): take a random orthogonal r x r matrix,
+    build A from half of its rows and B from the other half, so A's row space is orthogonal to B's column mixing."""
+    if r % 2:
+        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}.")
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    first, second = q[0::2], q[1::2]  # (r/2, r) each; first @ second.T = 0
+    a = (torch.randn(in_features, r // 2) @ first).t()  # (r, in)
+    b = torch.randn(out_features, r // 2) @ second  # (out, r)
+    return a.contiguous().to(device=device, dtype=dtype), b.contiguous().to(device=device, dtype=dtype)
+
+
 def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """Row norms ||W + s B A||_2 (one per output) without materialising B @ A:
     ||w_i||^2 + 2 s <W A^T, B>_i + s^2 <B (A A^T), B>_i."""

@@ -560,8 +560,8 @@ class XLoraModel(AdapterModel):
         # The gate lives on the engine, so its keys are PEFT's: base_model.internal_xlora_classifier.layers.<i>.*
         return {f"base_model.{GATE_NAME}.{k}": p for k, p in self.gate.named_parameters()}
 
-    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
-        super().set_adapter(adapter_names)
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
         config = self.xlora_config
         self.gate.requires_grad_(not config.inference_mode)
         train_experts = config.use_trainable_adapters and not config.inference_mode

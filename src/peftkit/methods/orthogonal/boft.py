@@ -147,7 +147,7 @@ class BOFTLayer(OrthogonalLayer):
         m, n, b, _ = raw.shape
         blocks = ops.cayley_exact(0.5 * (raw - raw.transpose(-2, -1)))
         p = self._dropout[name]
-        if self.training and p > 0:
+        if self._dropout_active() and p > 0:
             # as in PEFT: blocks of one random factor are reset to the identity
             i = int(torch.randint(0, m, (1,)).item())
             blocks = torch.cat([blocks[:i], ops.drop_blocks(blocks[i], p)[None], blocks[i + 1:]])

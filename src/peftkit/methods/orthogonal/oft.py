@@ -144,7 +144,33 @@ class OrthogonalLayer(AdapterLayer):
     def _prepare(self, name: str) -> None:
         """Called before each use of adapter ``name`` (COFT's projection)."""
 
-    # ---- merging
+    # ---- merging: never with dropout, also in train mode (a merged weight must not depend on a random draw)
+    _merging: bool = False
+
+    def _dropout_active(self) -> bool:
+        return self.training and not self._merging
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        self._merging = True
+        try:
+            super().merge(adapter_names, safe_merge=safe_merge)
+        finally:
+            self._merging = False
+
+    def unmerge(self) -> None:
+        self._merging = True
+        try:
+            super().unmerge()
+        finally:
+            self._merging = False
+
+    def first_nonfinite_merge(self, adapter_names: Sequence[str]) -> Optional[str]:
+        self._merging = True
+        try:
+            return super().first_nonfinite_merge(adapter_names)
+        finally:
+            self._merging = False
+
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         self._prepare(adapter_name)
         rot = self._rotation(adapter_name)
@@ -326,7 +352,7 @@ class OFTLayer(OrthogonalLayer):
             blocks = ops.cayley_exact(q)
         if config.block_share:
             blocks = blocks.expand(self.r[name], -1, -1)
-        if self.training and config.module_dropout > 0:
+        if self._dropout_active() and config.module_dropout > 0:
             blocks = ops.drop_blocks(blocks, config.module_dropout)
         return blocks
 

@@ -22,7 +22,15 @@ import torch
 
 @functools.lru_cache(maxsize=64)
 def _skew_index(block_size: int, device: str) -> torch.Tensor:
-    """Flat (b*b,) index into ``[0, vec, -vec]``: 0 on the diagonal, 1 + k above it, 1 + m + k below it."""
+    """Flat (b*b,) index into ``[0, vec, -vec]``: 0 on the diagonal, 1 + k above it, 1 + m + k below it.
+
+    Cached across calls, so built as a normal tensor even when first asked for under ``torch.inference_mode()``
+    (an inference tensor would break every later training step that uses it)."""
+    with torch.inference_mode(False):
+        return _build_skew_index(block_size, device)
+
+
+def _build_skew_index(block_size: int, device: str) -> torch.Tensor:
     m = block_size * (block_size - 1) // 2
     rows, cols = torch.triu_indices(block_size, block_size, 1)
     idx = torch.zeros(block_size, block_size, dtype=torch.long)
@@ -65,10 +73,18 @@ def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
     return t
 
 
+def _solve_dtype(t: torch.Tensor) -> torch.dtype:
+    """Linear solves / factorisations run in float32 for half-precision inputs (CPU has no half kernels for them,
+    and half precision is too coarse for them anyway); the result is cast back."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     """Exact Cayley transform ``R = (I - Q)(I + Q)^-1`` of skew ``q`` (..., b, b): orthogonal to float precision."""
+    dtype = q.dtype
+    q = q.to(_solve_dtype(q))
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
-    return torch.linalg.solve(eye + q, eye - q, left=False)
+    return torch.linalg.solve(eye + q, eye - q, left=False).to(dtype)
 
 
 def coft_project(vec: torch.Tensor, eps: float) -> torch.Tensor:
@@ -226,8 +242,9 @@ def householder_t_factor(u: torch.Tensor) -> torch.Tensor:
     r = u.shape[1]
     gram = u.t() @ u
     t_inv = torch.triu(gram, diagonal=1) + 0.5 * torch.eye(r, device=u.device, dtype=u.dtype)
-    eye = torch.eye(r, device=u.device, dtype=u.dtype)
-    return torch.linalg.solve_triangular(t_inv, eye, upper=True)
+    t_inv = t_inv.to(_solve_dtype(t_inv))
+    eye = torch.eye(r, device=u.device, dtype=t_inv.dtype)
+    return torch.linalg.solve_triangular(t_inv, eye, upper=True).to(u.dtype)
 
 
 def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
@@ -235,8 +252,8 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
 
     QR may flip a column's sign against Gram-Schmidt; the reflection ``I - 2 Q Q^T`` does not see signs.
     """
-    q, _ = torch.linalg.qr(u, mode="reduced")
-    return q
+    q, _ = torch.linalg.qr(u.to(_solve_dtype(u)), mode="reduced")
+    return q.to(u.dtype)
 
 
 def householder_rotate_input(x: torch.Tensor, u: torch.Tensor, apply_gs: bool) -> torch.Tensor:
@@ -300,7 +317,8 @@ def householder_t_from_raw(u: torch.Tensor) -> torch.Tensor:
     r = u.shape[1]
     eye = torch.eye(r, device=u.device, dtype=u.dtype)
     mask = torch.triu(torch.ones(r, r, device=u.device, dtype=u.dtype), diagonal=1) + 0.5 * eye
-    return torch.linalg.solve_triangular((u.t() @ u) * mask, eye, upper=True)
+    work = _solve_dtype(u)
+    return torch.linalg.solve_triangular(((u.t() @ u) * mask).to(work), eye.to(work), upper=True).to(u.dtype)
 
 
 def householder_dense(u: torch.Tensor, apply_gs: bool, transpose: bool = False) -> torch.Tensor:

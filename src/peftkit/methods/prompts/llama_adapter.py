@@ -212,11 +212,11 @@ class AdaptionPromptModel(AdapterModel):
             self.active_adapters = [adapter_name]
         self.set_adapter(self.active_adapters)
 
-    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if len(names) != 1:
             raise ValueError(f"Llama-Adapter adapters cannot be combined: activate exactly one (got {names}).")
-        super().set_adapter(names)
+        super().set_adapter(names, inference_mode=inference_mode)
 
 
 ADAPTION_PROMPT = register_method(

@@ -1,0 +1,2 @@
+def load_dataset(*a, **k):
+    raise RuntimeError("no datasets offline")
