@@ -99,6 +99,19 @@ class PeftConfig:
                 valid = ", ".join(t.value for t in TaskType)
                 raise ValueError(f"Unknown task_type {self.task_type!r}; use one of: {valid}.") from None
 
+    # isinstance(config, peft.PeftConfig) holds while peft is imported (TRL, transformers' add_adapter check it);
+    # type() stays this class. See peftkit.integrations.peft_compat.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        from peftkit.integrations import peft_compat
+
+        return peft_compat.config_bridge(type(self))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        from peftkit.integrations import peft_compat
+
+        return peft_compat.reduce_ex(self, protocol)
+
     # ----------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
