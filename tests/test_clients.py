@@ -321,3 +321,119 @@ def test_sentence_transformers_add_and_load_a_peftkit_adapter(tmp_path):
     fresh.delete_adapter(["default", "second"])
     torch.testing.assert_close(fresh.encode(TEXTS[:3], convert_to_tensor=True), plain)
     assert not any(type(m).__module__.startswith("peftkit.") for m in fresh.modules())
+
+
+# ------------------------------------------------------------------------------------------------ AdaLoRA budgeting
+def _vit_and_data(n=32):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    labels = ["apple", "bread", "cake"]
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16,
+                    patch_size=4, num_labels=3, label2id={l: i for i, l in enumerate(labels)},
+                    id2label={i: l for i, l in enumerate(labels)})
+    g = torch.Generator().manual_seed(0)
+    rows = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "label": i % 3} for i in range(n)]
+    return ViTForImageClassification(cfg), rows
+
+
+def _collate_fn(examples):  # the seed guide's collator
+    pixel_values = torch.stack([example["pixel_values"] for example in examples])
+    labels = torch.tensor([example["label"] for example in examples])
+    return {"pixel_values": pixel_values, "labels": labels}
+
+
+def _vit_attention_names():
+    """ViT's attention projections: ``query``/``value`` before transformers 5.x renamed them ``q_proj``/``v_proj``."""
+    model, _ = _vit_and_data(1)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
+
+
+def _seed_adalora_config(total_step):
+    # the seed guide's config, scaled to a 10-step run (total_step is required, as in Hugging Face PEFT)
+    return peftkit.AdaLoraConfig(r=8, init_r=12, tinit=2, tfinal=3, deltaT=1, total_step=total_step,
+                                 target_modules=_vit_attention_names(), modules_to_save=["classifier"])
+
+
+def _ranks(pattern):
+    return {k: sum(v) for k, v in pattern.items()}
+
+
+def test_adalora_budgets_in_a_plain_trainer_run_as_in_the_seed_guide(tmp_path):
+    from transformers import Trainer, TrainingArguments, ViTImageProcessor
+
+    model, rows = _vit_and_data()
+    model = peftkit.get_peft_model(model, _seed_adalora_config(total_step=10))
+    model.print_trainable_parameters()
+    image_processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    kw = dict(remove_unused_columns=False, eval_strategy="epoch", save_strategy="epoch", learning_rate=5e-3,
+              per_device_train_batch_size=4, gradient_accumulation_steps=4, per_device_eval_batch_size=4,
+              num_train_epochs=5, logging_steps=10, load_best_model_at_end=True, label_names=["labels"],
+              report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    args = TrainingArguments(str(tmp_path / "vit-adalora"), **{k: v for k, v in kw.items() if k in TrainingArguments.__dataclass_fields__})
+    trainer = Trainer(
+        model,
+        args,
+        train_dataset=rows,
+        eval_dataset=rows[:8],
+        processing_class=image_processor,
+        data_collator=_collate_fn,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 10
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern, "no budgeting happened: rank_pattern is empty after Trainer.train()"
+    ranks = _ranks(pattern)
+    assert len(ranks) == 4 and sum(ranks.values()) == 8 * 4, ranks  # target_r=8 on average, from init_r=12
+    assert all(r < 12 for r in ranks.values()) or sum(ranks.values()) < 12 * 4
+    trainer.save_model(str(tmp_path / "final"))
+    saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and sum(sum(m) for m in saved["rank_pattern"].values()) == 32
+    tensors = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    e = {k: v for k, v in tensors.items() if k.endswith("lora_E")}
+    assert sum(v.shape[0] for v in e.values()) == 32, "the saved adapter was not shrunk to the kept ranks"
+    # every epoch checkpoint holds a shrunk adapter once the budget started; the best one was reloaded into the
+    # live model (load_adapter on the existing name restores the pruned ranks as zeros)
+    best = trainer.state.best_model_checkpoint
+    best_tensors = load_file(os.path.join(best, "adapter_model.safetensors"))
+    best_pattern = json.loads(open(os.path.join(best, "adapter_config.json")).read())["rank_pattern"]
+    live = model.base_model.triplets("default")
+    for key, mask in (best_pattern or {}).items():
+        keep = torch.tensor(mask)
+        stored = best_tensors["base_model.model." + key]
+        assert torch.equal(live[key][1][keep].detach(), stored)
+        assert torch.count_nonzero(live[key][1][~keep]) == 0
+
+
+def _loop(model, rows, steps, explicit):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    for step in range(steps):
+        batch = _collate_fn(rows[4 * step: 4 * step + 4])
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        if explicit:
+            model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+
+
+def test_adalora_budgets_in_a_plain_pytorch_loop_like_explicit_calls():
+    import copy
+
+    base, rows = _vit_and_data(40)
+    auto = peftkit.get_peft_model(copy.deepcopy(base), _seed_adalora_config(total_step=10))
+    manual = copy.deepcopy(auto)
+    off = copy.deepcopy(auto)
+    off.base_model.budget_mode = "off"
+    _loop(auto, rows, 10, explicit=False)
+    _loop(manual, rows, 10, explicit=True)
+    _loop(off, rows, 10, explicit=False)
+    assert auto.base_model.budget_mode == "auto" and manual.base_model.budget_mode == "explicit"
+    pattern = auto.peft_config["default"].rank_pattern
+    assert pattern and sum(_ranks(pattern).values()) == 32
+    assert pattern == manual.peft_config["default"].rank_pattern
+    for (n, p), (_, q) in zip(auto.named_parameters(), manual.named_parameters()):
+        assert torch.equal(p, q), n
+    assert not off.peft_config["default"].rank_pattern, "budget_mode='off' still budgeted"

@@ -265,6 +265,11 @@ class PeftModel(nn.Module):
             # trainability stay (transformers.Trainer's resume and load_best_model_at_end call exactly this).
             # Every shape is checked before anything is written, so a checkpoint that does not fit changes nothing.
             weights = load_tensors(resolve_weights_file(model_id, subfolder=subfolder, **hub_kwargs))
+            try:
+                saved_config = config or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+            except FileNotFoundError:
+                saved_config = None
+            weights = self.base_model.checkpoint_tensors_to_load(adapter_name, weights, saved_config)
             set_adapter_state_dict(self.base_model, weights, adapter_name)
             return
         if config is None:
