@@ -354,6 +354,8 @@ class AdaLoraModel(AdapterModel):
         return total / len(terms)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.rankallocator is not None and self.budget_mode == "auto" and not lora_ops.compiling():
+            _watch_for_automatic_budgeting(self)  # copies (deepcopy, pickle) are watched from their first forward
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         name = self.trainable_adapter_name
