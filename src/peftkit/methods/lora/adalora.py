@@ -387,9 +387,10 @@ class AdaLoraModel(AdapterModel):
         """
         name = self._require_trainable()
         if not _AUTO_CALL.active:
-            if self.__dict__.get("_auto_done_step") == global_step:
-                return  # the optimiser hook already allocated for this step (see _automatic_budget)
+            already = self.__dict__.get("_auto_done_step") == global_step and self.budget_mode == "auto"
             self.budget_mode = "explicit"  # the caller drives the budget from now on
+            if already:
+                return  # the optimiser hook allocated for this very step already (see _automatic_budget)
         self.__dict__["_auto_done_step"] = global_step
         config = self.peft_config[name]
         allocator = self.rankallocator
