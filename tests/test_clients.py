@@ -219,6 +219,10 @@ def test_bridge_never_imports_peft_and_keeps_copies_and_pickles_plain():
     assert isinstance(cfg, peft.PeftConfig) and type(cfg) is peftkit.LoraConfig
     assert type(copy.deepcopy(cfg)) is peftkit.LoraConfig and copy.deepcopy(cfg) == cfg
     assert type(pickle.loads(pickle.dumps(cfg))) is peftkit.LoraConfig
+    import dataclasses
+
+    changed = dataclasses.replace(cfg, r=3)  # builds cfg.__class__(...): the peftkit class, not the bridge
+    assert type(changed) is peftkit.LoraConfig and changed.r == 3 and isinstance(changed, peft.PeftConfig)
     tok = _tokenizer()
     model = peftkit.get_peft_model(_llama(tok), _lora())
     clone = copy.deepcopy(model)

@@ -37,9 +37,15 @@ def _peft() -> Any:
 
 
 def _make_bridge(ours: type, theirs: type) -> Optional[type]:
+    def __new__(cls: type, *args: Any, **kwargs: Any) -> Any:
+        # obj.__class__(...) (e.g. dataclasses.replace) builds the peftkit class itself, never a bridge instance
+        obj = object.__new__(ours)
+        obj.__init__(*args, **kwargs)
+        return obj
+
     try:
         bridge = type(ours.__name__, (ours, theirs), {"__module__": ours.__module__, "__qualname__": ours.__qualname__,
-                                                      "_peftkit_bridge_of": ours})
+                                                      "_peftkit_bridge_of": ours, "__new__": __new__})
     except TypeError:  # a layout or MRO conflict with some peft version: stay unrecognised rather than break
         return None
     return bridge
