@@ -229,6 +229,8 @@ def test_bridge_never_imports_peft_and_keeps_copies_and_pickles_plain():
     assert type(clone) is type(model) and isinstance(clone, peft.PeftModel)
     clone = pickle.loads(pickle.dumps(model))
     assert type(clone) is type(model)
+    # PEFT's constructors given a peftkit config build a peftkit model (TRL calls peft.get_peft_model)
+    assert type(peft.PeftModel(_llama(tok), peftkit.LoraConfig(r=2, target_modules=["q_proj"]))) is peftkit.PeftModel
     # PEFT's own configs still build PEFT's models
     assert type(peft.get_peft_model(_llama(tok), peft.LoraConfig(r=2, target_modules=["q_proj"]))).__module__.startswith("peft.")
 

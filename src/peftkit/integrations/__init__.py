@@ -7,10 +7,12 @@ sentence-transformers. Importing this package imports none of them (nor ``peft``
 * :class:`PeftkitCallback`: adapter-only checkpoints from ``transformers.Trainer`` when ``peft`` is not installed.
 """
 
-from peftkit.integrations import peft_compat  # noqa: F401
+from peftkit.integrations import _hooks, peft_compat
 from peftkit.integrations.trainer import PeftkitCallback
 from peftkit.integrations import transformers_adapters as _transformers_adapters
 
 _transformers_adapters.install()
+# peft.get_peft_model / peft.PeftModel(...) with a peftkit config build a peftkit model (see peft_compat)
+_hooks.when_imported("peft", peft_compat.install_constructor_hook)
 
 __all__ = ["PeftkitCallback"]

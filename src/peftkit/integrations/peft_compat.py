@@ -65,7 +65,7 @@ def model_bridge(cls: type) -> type:
             break
     bridge = _make_bridge(cls, theirs) if theirs is not None else None
     _MODEL_BRIDGES[cls] = bridge
-    _install_constructor_hook(peft)
+    install_constructor_hook(peft)
     return bridge or cls
 
 
@@ -79,7 +79,7 @@ def config_bridge(cls: type) -> type:
     theirs = getattr(peft, "PeftConfig", None)
     bridge = _make_bridge(cls, theirs) if isinstance(theirs, type) else None
     _CONFIG_BRIDGES[cls] = bridge
-    _install_constructor_hook(peft)
+    install_constructor_hook(peft)
     return bridge or cls
 
 
@@ -102,7 +102,7 @@ def reduce_ex(obj: Any, protocol: int) -> tuple:
 _HOOKED = "_peftkit_new_hook"
 
 
-def _install_constructor_hook(peft: Any) -> None:
+def install_constructor_hook(peft: Any) -> None:
     base = getattr(peft, "PeftModel", None)
     if not isinstance(base, type) or base.__dict__.get(_HOOKED):
         return
