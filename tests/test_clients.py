@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
+from models import VIT_QV
 
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
@@ -349,17 +350,10 @@ def _collate_fn(examples):  # the seed guide's collator
     return {"pixel_values": pixel_values, "labels": labels}
 
 
-def _vit_attention_names():
-    """ViT's attention projections: ``query``/``value`` before transformers 5.x renamed them ``q_proj``/``v_proj``."""
-    model, _ = _vit_and_data(1)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    return ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
-
-
 def _seed_adalora_config(total_step):
     # the seed guide's config, scaled to a 10-step run (total_step is required, as in Hugging Face PEFT)
     return peftkit.AdaLoraConfig(r=8, init_r=12, tinit=2, tfinal=3, deltaT=1, total_step=total_step,
-                                 target_modules=_vit_attention_names(), modules_to_save=["classifier"])
+                                 target_modules=VIT_QV, modules_to_save=["classifier"])
 
 
 def _ranks(pattern):
