@@ -437,3 +437,51 @@ def test_adalora_budgets_in_a_plain_pytorch_loop_like_explicit_calls():
     for (n, p), (_, q) in zip(auto.named_parameters(), manual.named_parameters()):
         assert torch.equal(p, q), n
     assert not off.peft_config["default"].rank_pattern, "budget_mode='off' still budgeted"
+
+
+NO_PEFT = r'''
+import importlib.abc, importlib.util, sys
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "peft" else _find_spec(name, *a, **k)
+class _Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "peft":
+            raise ModuleNotFoundError("No module named 'peft'", name=name)
+sys.meta_path.insert(0, _Hide())
+sys.path.insert(0, sys.argv[2])
+import os, torch
+import peftkit, test_clients as t
+from transformers import Trainer
+from transformers.utils import is_peft_available
+assert not is_peft_available()
+out = sys.argv[1]
+tok = t._tokenizer(); rows = t._lm_rows(tok)
+model = peftkit.get_peft_model(t._llama(tok), t._lora())
+Trainer(model=model, args=t._args(out + "/a"), train_dataset=rows, callbacks=[peftkit.integrations.PeftkitCallback()]).train()
+files = set(os.listdir(out + "/a/checkpoint-2"))
+assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= files, files
+full = t._adapter(model)
+model_b = peftkit.get_peft_model(t._llama(tok), t._lora())
+Trainer(model=model_b, args=t._args(out + "/b"), train_dataset=rows).train(resume_from_checkpoint=out + "/a/checkpoint-2")
+for k, v in t._adapter(model_b).items():
+    torch.testing.assert_close(v, full[k], rtol=0, atol=1e-6)
+reloaded = peftkit.PeftModel.from_pretrained(t._llama(tok), out + "/a/checkpoint-4")
+for n, p in reloaded.named_parameters():
+    if "lora_" in n:
+        assert torch.equal(p, full[n]), n
+assert "peft" not in sys.modules
+print("ok")
+'''
+
+
+def test_trainer_without_peft_installed_resumes_and_the_callback_writes_adapters(tmp_path):
+    """Without peft, Trainer saves whole state dicts (which resume exactly); PeftkitCallback adds the adapter."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_peft.py"
+    script.write_text(NO_PEFT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), os.path.dirname(__file__)], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.stdout.strip().endswith("ok"), (out.stdout[-2000:], out.stderr[-4000:])
