@@ -26,6 +26,7 @@ from peftkit.engine.peft_model import (
 )
 from peftkit.engine.registry import supported_methods
 from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.integrations import PeftkitCallback
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftkitCallback",
     "PeftType",
     "TaskType",
     "XLoraConfig",

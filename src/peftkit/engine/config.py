@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 from peftkit.engine.io import atomic_write_text
+from peftkit.integrations import peft_compat as _peft_compat
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +104,10 @@ class PeftConfig:
     # type() stays this class. See peftkit.integrations.peft_compat.
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # noqa: D105
-        from peftkit.integrations import peft_compat
-
-        return peft_compat.config_bridge(type(self))
+        return _peft_compat.config_bridge(type(self))
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        from peftkit.integrations import peft_compat
-
-        return peft_compat.reduce_ex(self, protocol)
+        return _peft_compat.reduce_ex(self, protocol)
 
     # ----------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
