@@ -485,3 +485,28 @@ def test_trainer_without_peft_installed_resumes_and_the_callback_writes_adapters
     out = subprocess.run([sys.executable, str(script), str(tmp_path), os.path.dirname(__file__)], capture_output=True,
                          text=True, timeout=600, env=env)
     assert out.stdout.strip().endswith("ok"), (out.stdout[-2000:], out.stderr[-4000:])
+
+
+def test_sentence_transformers_trainer_checkpoints_the_peftkit_adapter_and_resumes(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+
+    ds = Dataset.from_dict({"anchor": TEXTS[:4], "positive": TEXTS[4:]})
+    args = SentenceTransformerTrainingArguments(str(tmp_path / "out"), max_steps=2, save_steps=1,
+                                                per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                                                learning_rate=1e-2, disable_tqdm=True, seed=0)
+    runs = []
+    for resume in (None, str(tmp_path / "out" / "checkpoint-1")):
+        st = _sentence_model(tmp_path / "base")
+        st.add_adapter(peftkit.LoraConfig(r=4, target_modules=["query", "value"]))
+        before = _adapter(st)
+        trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=ds,
+                                             loss=losses.MultipleNegativesRankingLoss(st))
+        trainer.train(resume_from_checkpoint=resume)
+        runs.append(_adapter(st))
+        assert any(not torch.equal(before[k], runs[-1][k]) for k in before)
+    files = set(os.listdir(tmp_path / "out" / "checkpoint-1"))
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files, files
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=1e-6, msg=k)
