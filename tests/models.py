@@ -114,6 +114,19 @@ def _cls_targets(n: int) -> torch.Tensor:
     return torch.arange(n) % 3
 
 
+def _vit_attention_names() -> list[str]:
+    """ViT's query/value projections: ``q_proj``/``v_proj`` from transformers 5.9, ``query``/``value`` before."""
+    from transformers import ViTConfig, ViTModel
+
+    with torch.device("meta"):
+        vit = ViTModel(ViTConfig(hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4,
+                                 image_size=4, patch_size=2))
+    names = {n.rsplit(".", 1)[-1] for n, _ in vit.named_modules()}
+    return ["q_proj", "v_proj"] if "q_proj" in names else ["query", "value"]
+
+
+VIT_QV = _vit_attention_names()  # target_modules of the ViT cases, for every transformers version
+
 MODELS: dict[str, ModelSpec] = {
     "llama": ModelSpec("llama", _llama, lambda b: {"input_ids": _ids(b)}, lambda o: o.logits,
                        lambda m, kw: m(**kw, labels=kw["input_ids"]).loss),

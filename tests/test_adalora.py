@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from contract import Case, contract_tests
-from models import MODELS
+from models import MODELS, VIT_QV
 
 import peftkit
 from peftkit import AdaLoraCallback, AdaLoraConfig, attach_to_optimizer
@@ -40,7 +40,7 @@ CASES = [
     ada_case("adalora-llama-qv", "llama", lora_alpha=8, target_modules=QV),
     ada_case("adalora-llama-non-square", "llama", target_modules=["o_proj", "down_proj"]),
     ada_case("adalora-bert-cls", "bert", target_modules=["query", "value"], modules_to_save=["classifier"]),
-    ada_case("adalora-vit-cls", "vit", lora_alpha=16, target_modules=QV, modules_to_save=["classifier"]),
+    ada_case("adalora-vit-cls", "vit", lora_alpha=16, target_modules=VIT_QV, modules_to_save=["classifier"]),
     ada_case("adalora-gpt2-conv1d", "gpt2", target_modules=["c_attn"], fan_in_fan_out=True),
     ada_case("adalora-conv2d", "cnn", init_r=3, target_r=1, target_modules=["conv0", "conv1", "lin"]),
 ]
@@ -64,7 +64,7 @@ def test_vit_base_trainable_parameter_count_matches_peft_guide():
 
     with torch.device("meta"):
         base = ViTForImageClassification(ViTConfig(num_labels=101))
-    config = AdaLoraConfig(init_r=12, target_modules=QV, modules_to_save=["classifier"], total_step=1000,
+    config = AdaLoraConfig(init_r=12, target_modules=VIT_QV, modules_to_save=["classifier"], total_step=1000,
                            tinit=200, tfinal=500, deltaT=10)
     model = peftkit.get_peft_model(base, config)
     trainable, _ = model.get_nb_trainable_parameters()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from contract import Case, contract_tests
-from models import MODELS, ModelSpec
+from models import MODELS, VIT_QV, ModelSpec
 
 import peftkit
 from peftkit import KronAConfig, LoHaConfig, LoKrConfig
@@ -54,7 +54,7 @@ CASES = [
     # LoHa on hidden 32: r=4 takes the merged-weight path, r=2 the rank-r^2 factored one (3 * 4 * 64 < 32 * 32).
     loha_case("loha-llama-all-linear", "llama", r=4, alpha=8, target_modules="all-linear"),
     loha_case("loha-llama-layers", "llama", r=2, target_modules=QV, layers_to_transform=[1], layers_pattern="layers"),
-    loha_case("loha-vit-cls", "vit", r=4, alpha=4, target_modules=QV, modules_to_save=["classifier"]),
+    loha_case("loha-vit-cls", "vit", r=4, alpha=4, target_modules=VIT_QV, modules_to_save=["classifier"]),
     loha_case("loha-mlp-patterns", "mlp", r=4, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 2},
               alpha_pattern={"lin0": 16}),
     loha_case("loha-random-init", "mlp", identity=False, r=4, init_weights=False, target_modules=["lin0", "lin1"]),
@@ -67,7 +67,7 @@ CASES = [
     # LoKr: hidden 32 = 4 x 8; r=2 makes w2 a rank-2 pair (2 < 8 / 2); decompose_both with r=1 also w1.
     lokr_case("lokr-llama-all-linear-lowrank", "llama", r=2, target_modules="all-linear"),
     lokr_case("lokr-mlp-decompose-both", "mlp", r=1, decompose_both=True, target_modules=["lin0", "lin1", "head"]),
-    lokr_case("lokr-vit-cls", "vit", r=4, alpha=4, target_modules=QV, modules_to_save=["classifier"]),
+    lokr_case("lokr-vit-cls", "vit", r=4, alpha=4, target_modules=VIT_QV, modules_to_save=["classifier"]),
     lokr_case("lokr-mlp-factor", "mlp", r=2, decompose_factor=2, rank_dropout_scale=True,
               target_modules=["lin0", "lin1", "head"], rank_pattern={"lin1": 8}),
     lokr_case("lokr-lycoris-init", "mlp", r=2, init_weights="lycoris", target_modules=["lin0", "lin1"]),
@@ -104,7 +104,7 @@ def _vit_base(config):
 
 
 def test_vit_base_parameter_counts_match_the_seed_guide():
-    common = dict(r=16, alpha=16, target_modules=QV, module_dropout=0.1, modules_to_save=["classifier"])
+    common = dict(r=16, alpha=16, target_modules=VIT_QV, module_dropout=0.1, modules_to_save=["classifier"])
     trainable, total = _vit_base(LoHaConfig(**common)).get_nb_trainable_parameters()
     assert (trainable, total) == (1_257_317, 87_133_642)
     trainable, _ = _vit_base(LoKrConfig(**common)).get_nb_trainable_parameters()

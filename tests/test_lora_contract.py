@@ -1,6 +1,7 @@
 """LoRA, DoRA and rsLoRA through the shared method contract, on every model family and layer type."""
 
 from contract import Case, contract_tests
+from models import VIT_QV
 
 from peftkit import LoraConfig
 
@@ -19,8 +20,8 @@ CASES = [
     lora_case("dora-gpt2-conv1d", "gpt2", r=4, use_dora=True, target_modules=["c_attn"], fan_in_fan_out=True),
     lora_case("lora-bert-cls", "bert", r=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
     lora_case("lora-t5", "t5", r=4, target_modules=["q", "v", "wo"]),
-    lora_case("lora-vit", "vit", r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]),
-    lora_case("dora-vit", "vit", r=4, use_dora=True, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]),
+    lora_case("lora-vit", "vit", r=4, target_modules=VIT_QV, modules_to_save=["classifier"]),
+    lora_case("dora-vit", "vit", r=4, use_dora=True, target_modules=VIT_QV, modules_to_save=["classifier"]),
     lora_case("lora-mlp-patterns", "mlp", r=4, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 2},
               alpha_pattern={"lin0": 16}),
     lora_case("lora-embedding", "llama", r=4, target_modules=["embed_tokens", "q_proj"]),

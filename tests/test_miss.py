@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from contract import Case, contract_tests
-from models import MODELS
+from models import MODELS, VIT_QV
 
 import peftkit
 from peftkit import MissConfig
@@ -26,8 +26,8 @@ CASES = [
               init_weights=False, bias="MiSS_only"),
     miss_case("mini-llama", "llama", r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "v_proj", "up_proj"]),
     miss_case("bat-llama", "llama", r=4, init_weights="bat", target_modules="all-linear"),
-    miss_case("miss-vit", "vit", r=4, target_modules=QV, modules_to_save=["classifier"]),
-    miss_case("bat-vit", "vit", r=8, init_weights="bat", target_modules=QV, modules_to_save=["classifier"]),
+    miss_case("miss-vit", "vit", r=4, target_modules=VIT_QV, modules_to_save=["classifier"]),
+    miss_case("bat-vit", "vit", r=8, init_weights="bat", target_modules=VIT_QV, modules_to_save=["classifier"]),
     # GPT-2's Conv1D (weight stored in x out): Hugging Face PEFT's MiSS does not support it, so no parity case
     miss_case("miss-gpt2-conv1d", "gpt2", ref=False, r=4, target_modules=["c_attn", "c_proj"]),
     miss_case("bat-gpt2-conv1d", "gpt2", ref=False, r=4, init_weights="bat", target_modules=["c_attn"]),

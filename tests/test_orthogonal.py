@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from contract import Case, contract_tests
-from models import MODELS
+from models import MODELS, VIT_QV
 
 import peftkit
 from peftkit import BOFTConfig, HRAConfig, OFTConfig
@@ -48,7 +48,7 @@ QV = ["q_proj", "v_proj"]
 CASES = [
     case("oft-llama-neumann", "llama", OFTConfig, "OFTConfig", oft_block_size=8,
          target_modules=["embed_tokens", "q_proj", "v_proj", "down_proj"]),
-    case("oft-vit", "vit", OFTConfig, "OFTConfig", oft_block_size=8, target_modules=QV, modules_to_save=["classifier"]),
+    case("oft-vit", "vit", OFTConfig, "OFTConfig", oft_block_size=8, target_modules=VIT_QV, modules_to_save=["classifier"]),
     # PEFT's unmerged OFT Conv2d forward sums overlapping patches (not even identity at init); parity for conv is
     # checked against PEFT's merged model in test_oft_conv_matches_peft_merged.
     case("oft-cnn", "cnn", OFTConfig, "OFTConfig", ref=False, oft_block_size=8, target_modules=["conv0", "conv1"]),
@@ -64,11 +64,11 @@ CASES = [
     # test_butterfly_matches_peft_permutations checks them against PEFT's permutation matrices instead.
     case("boft-llama-butterfly", "llama", BOFTConfig, "BOFTConfig", ref=False, boft_block_size=0, boft_block_num=8,
          boft_n_butterfly_factor=3, target_modules=QV),
-    case("boft-vit", "vit", BOFTConfig, "BOFTConfig", boft_block_size=4, target_modules=QV,
+    case("boft-vit", "vit", BOFTConfig, "BOFTConfig", boft_block_size=4, target_modules=VIT_QV,
          modules_to_save=["classifier"]),
     # Gram-Schmidt of the paired init vectors orthonormalises rounding noise (in PEFT too): not the identity.
     case("hra-llama-gs", "llama", HRAConfig, "HRAConfig", identity_init=False, r=4, apply_GS=True, target_modules=QV),
-    case("hra-vit", "vit", HRAConfig, "HRAConfig", r=2, target_modules=QV, modules_to_save=["classifier"]),
+    case("hra-vit", "vit", HRAConfig, "HRAConfig", r=2, target_modules=VIT_QV, modules_to_save=["classifier"]),
 ]
 
 globals().update(contract_tests(CASES))

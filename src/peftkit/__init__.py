@@ -50,6 +50,7 @@ from peftkit.engine.functional import (
 )
 from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
+from peftkit.integrations import PeftkitCallback
 
 __version__ = "0.1.0"
 
@@ -84,6 +85,7 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftkitCallback",
     "PeftType",
     "PrefixEncoder",
     "PrefixTuningConfig",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 from peftkit.engine.io import atomic_write_text
+from peftkit.integrations import peft_compat as _peft_compat
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,15 @@ class PeftConfig:
         from peftkit.engine.validation import validate_config
 
         validate_config(self)  # every field's type and range, named, before any method-specific check
+
+    # isinstance(config, peft.PeftConfig) holds while peft is imported (TRL, transformers' add_adapter check it);
+    # type() stays this class. See peftkit.integrations.peft_compat.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        return _peft_compat.config_bridge(type(self))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _peft_compat.reduce_ex(self, protocol)
 
     # ----------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, ModulesToSaveWrappe
 from peftkit.engine.registry import method_for_config
 from peftkit.engine.save_load import LoadResult, get_adapter_state_dict, set_adapter_state_dict
 from peftkit.engine.tuner import AdapterModel
+from peftkit.integrations import peft_compat as _peft_compat
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
@@ -145,6 +146,16 @@ class PeftModel(nn.Module):
 
     def _prepare_config(self, model: nn.Module, config: PeftConfig) -> None:
         """Task-specific adjustments of a config before injection (subclasses)."""
+
+    # Clients that accept only Hugging Face PEFT's classes (transformers' Trainer, accelerate, TRL) check
+    # isinstance(model, peft.PeftModel); while peft is imported, __class__ reports a class deriving from both (type()
+    # stays this class). See peftkit.integrations.peft_compat.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        return _peft_compat.model_bridge(type(self))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _peft_compat.reduce_ex(self, protocol)
 
     # --------------------------------------------------------------------------------------------- delegation
     def __getattr__(self, name: str) -> Any:
@@ -489,7 +500,18 @@ class PeftModel(nn.Module):
 
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name.")
+            # As Hugging Face PEFT: the checkpoint's weights go into the existing adapter, whose config and
+            # trainability stay (transformers.Trainer's resume and load_best_model_at_end call exactly this).
+            # Every tensor is checked before anything is written, so a checkpoint that does not fit changes nothing.
+            try:
+                saved_config, weights = _read_adapter(model_id, subfolder, config, hub_kwargs)
+            except FileNotFoundError:  # weights without a config file
+                saved_config = None
+                weights = load_tensors(resolve_weights_file(model_id, subfolder=subfolder, **hub_kwargs))
+            weights = self.base_model.checkpoint_tensors_to_load(adapter_name, weights, saved_config)
+            return set_adapter_state_dict(self.base_model, weights, adapter_name,
+                                          ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                          allow_nonfinite=allow_nonfinite, allow_missing_keys=allow_missing_keys)
         from peftkit.engine.adapterhub import is_adapterhub_folder, load_adapterhub
 
         if config is None and subfolder is None and is_adapterhub_folder(model_id):

@@ -157,6 +157,13 @@ class AdapterModel(nn.Module):
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """Called after a checkpoint was copied into ``adapter_name``."""
 
+    def checkpoint_tensors_to_load(self, adapter_name: str, tensors: dict[str, torch.Tensor],
+                                   saved_config: Any = None) -> dict[str, torch.Tensor]:
+        """First change to a checkpoint loaded into the existing adapter ``adapter_name`` (``load_adapter`` on a name
+        it has), given the checkpoint's own config if it has one (e.g. AdaLoRA restores pruned ranks). Unchanged by
+        default."""
+        return tensors
+
     def engine_adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Saved tensors that live on the engine itself, outside ``self.model`` (e.g. X-LoRA's gate), keyed by
         their full checkpoint key (``base_model.<attribute path>``, as Hugging Face PEFT names them)."""

@@ -7,13 +7,18 @@ scores every triplet (A[i], E[i], B[:, i]) and zeroes the E entries of the least
 budget schedule (:mod:`.adalora_budget`); the final keep-masks are stored in ``config.rank_pattern``, checkpoints
 hold only the kept triplets and reload at those ranks. An orthogonality penalty on A and B is added to the loss.
 
-Call ``update_and_allocate`` automatically with :class:`AdaLoraCallback` (``transformers.Trainer``) or
-:func:`attach_to_optimizer` (any torch optimiser).
+Budgeting needs no extra argument: after every ``step()`` of the optimiser that holds the adapter's parameters
+(``transformers.Trainer`` or a plain PyTorch loop), ``update_and_allocate`` runs for that step. For explicit control
+use :class:`AdaLoraCallback` (``transformers.Trainer``), :func:`attach_to_optimizer` (any torch optimiser, chosen
+step numbering) or call ``update_and_allocate(step)`` yourself; any of them switches the automatic hook off for
+that model (``model.base_model.budget_mode = "off"`` disables budgeting).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -303,6 +308,10 @@ class AdaLoraModel(AdapterModel):
 
     trainable_adapter_name: Optional[str] = None
     rankallocator: Optional[RankAllocator] = None
+    # "auto": update_and_allocate runs after every step of the optimiser that holds the adapter's parameters
+    # (_automatic_budget); "explicit" once AdaLoraCallback, attach_to_optimizer or a direct update_and_allocate call
+    # takes over; "off": no budgeting unless called (set it to train at the initial ranks).
+    budget_mode: str = "auto"
 
     def inject_adapter(self, adapter_name: str, config: AdaLoraConfig, loading: bool = False) -> None:
         if not config.inference_mode and self.trainable_adapter_name is not None:
@@ -314,6 +323,7 @@ class AdaLoraModel(AdapterModel):
         if not config.inference_mode:
             self.trainable_adapter_name = adapter_name
             self.rankallocator = self._new_allocator(adapter_name)
+            _watch_for_automatic_budgeting(self)
 
     def _new_allocator(self, adapter_name: str) -> RankAllocator:
         """Budget from the adapter's current ranks down to ``target_r`` per matrix."""
@@ -353,6 +363,8 @@ class AdaLoraModel(AdapterModel):
         return total / len(terms)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.rankallocator is not None and self.budget_mode == "auto" and not lora_ops.compiling():
+            _watch_for_automatic_budgeting(self)  # copies (deepcopy, pickle) are watched from their first forward
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         name = self.trainable_adapter_name
@@ -383,6 +395,12 @@ class AdaLoraModel(AdapterModel):
         ``deltaT`` steps; at ``total_step - tfinal`` the final ``config.rank_pattern`` is fixed; later steps re-apply it.
         """
         name = self._require_trainable()
+        if not _AUTO_CALL.active:
+            already = self.__dict__.get("_auto_done_step") == global_step and self.budget_mode == "auto"
+            self.budget_mode = "explicit"  # the caller drives the budget from now on
+            if already:
+                return  # the optimiser hook allocated for this very step already (see _automatic_budget)
+        self.__dict__["_auto_done_step"] = global_step
         config = self.peft_config[name]
         allocator = self.rankallocator
         triplets = self.triplets(name)
@@ -425,6 +443,38 @@ class AdaLoraModel(AdapterModel):
             self.rankallocator = self._new_allocator(adapter_name)
 
     # ------------------------------------------------------------------------------------------ save / load
+    def checkpoint_tensors_to_load(self, adapter_name: str, tensors: dict[str, torch.Tensor],
+                                   saved_config: Any = None) -> dict[str, torch.Tensor]:
+        """A checkpoint loaded into an existing adapter (``load_adapter`` on its name: Trainer's resume and best-model
+        reload) holds only the triplets its ``rank_pattern`` kept; put them back at their places in the live ranks
+        (the pruned ones zero, as the mask made them) and adopt that rank pattern once loaded."""
+        pattern = getattr(saved_config, "rank_pattern", None)
+        if not pattern:
+            return tensors
+        out = dict(tensors)
+        prefix = "base_model.model."
+        for key, (a, e, b) in self.triplets(adapter_name).items():
+            module = key[: -len(".lora_E")]
+            mask = pattern.get(key, pattern.get(f"{key}.{adapter_name}"))
+            stored = out.get(f"{prefix}{module}.lora_E")
+            if mask is None or stored is None or len(mask) != e.shape[0] or stored.shape[0] != sum(mask) or all(mask):
+                continue
+            keep = torch.tensor(mask, dtype=torch.bool)
+            full_a, full_e, full_b = a.new_zeros(a.shape), e.new_zeros(e.shape), b.new_zeros(b.shape)
+            full_a[keep] = out[f"{prefix}{module}.lora_A"].to(a.dtype)
+            full_e[keep] = stored.to(e.dtype)
+            full_b[:, keep] = out[f"{prefix}{module}.lora_B"].to(b.dtype)
+            out[f"{prefix}{module}.lora_A"], out[f"{prefix}{module}.lora_E"], out[f"{prefix}{module}.lora_B"] = (
+                full_a, full_e, full_b)
+        self.__dict__["_pending_rank_pattern"] = (adapter_name, {k: list(v) for k, v in pattern.items()})
+        return out
+
+    def after_adapter_loaded(self, adapter_name: str) -> None:
+        pending = self.__dict__.pop("_pending_rank_pattern", None)
+        if pending is not None and pending[0] == adapter_name:
+            self.peft_config[adapter_name].rank_pattern = pending[1]
+        super().after_adapter_loaded(adapter_name)
+
     def adapter_tensors_to_save(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keep only the triplets ``rank_pattern`` keeps: A and E rows, B columns (PEFT's checkpoint layout)."""
         pattern = self.peft_config[adapter_name].rank_pattern
@@ -455,6 +505,59 @@ def find_adalora_model(model: nn.Module) -> AdaLoraModel:
     raise ValueError(
         f"{type(model).__name__} holds no AdaLoRA adapter; create it with get_peft_model(model, AdaLoraConfig(...))."
     )
+
+
+class _AutoCall(threading.local):
+    active = False
+
+
+_AUTO_CALL = _AutoCall()
+_WATCHED: "weakref.WeakSet[AdaLoraModel]" = weakref.WeakSet()
+_GLOBAL_HOOK: Any = None
+
+
+def _watch_for_automatic_budgeting(model: AdaLoraModel) -> None:
+    """Budget with no extra argument: one global optimiser post-step hook (torch's
+    ``register_optimizer_step_post_hook``) serves every trainable AdaLoRA model still in ``budget_mode == "auto"``."""
+    global _GLOBAL_HOOK
+    _WATCHED.add(model)
+    if _GLOBAL_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _GLOBAL_HOOK = register_optimizer_step_post_hook(_automatic_budget)
+
+
+def _optimizer_holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
+
+
+def _automatic_budget(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """After ``optimizer.step()`` (gradients still there, the new masks hold for the next forward): run
+    ``update_and_allocate`` for each auto-budgeted AdaLoRA model whose parameters this optimiser updates. The step
+    index is the optimiser's own count for the first E vector (Adam-style ``state['step']``, restored on resume),
+    else a per-model counter from 0."""
+    if not _WATCHED:
+        return
+    for model in list(_WATCHED):
+        if model.budget_mode != "auto" or model.rankallocator is None or model.trainable_adapter_name is None:
+            continue
+        triplets = model.triplets(model.trainable_adapter_name)
+        if not triplets:
+            continue
+        e = next(iter(triplets.values()))[1]
+        if e.grad is None or not _optimizer_holds(optimizer, e):
+            continue
+        count = optimizer.state.get(e, {}).get("step") if hasattr(optimizer, "state") else None
+        if count is not None:
+            step = int(count.item() if isinstance(count, torch.Tensor) else count) - 1
+        else:
+            step = model.__dict__.get("_auto_counter", 0)
+        model.__dict__["_auto_counter"] = step + 1
+        _AUTO_CALL.active = True
+        try:
+            model.update_and_allocate(step)
+        finally:
+            _AUTO_CALL.active = False
 
 
 class AdaLoraStepHook:
@@ -488,6 +591,7 @@ def attach_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, star
             "The optimiser does not hold the AdaLoRA adapter's parameters; build it from the PeftModel's trainable "
             "parameters (e.g. torch.optim.AdamW(p for p in model.parameters() if p.requires_grad))."
         )
+    adalora.budget_mode = "explicit"  # this hook drives the budget, not the automatic one
     return AdaLoraStepHook(adalora, optimizer, start_step)
 
 
@@ -524,6 +628,7 @@ class AdaLoraCallback:
             )
         adalora = self._resolve(model)
         config = adalora.peft_config[adalora._require_trainable()]
+        adalora.budget_mode = "explicit"  # this callback drives the budget, not the automatic hook
         max_steps = getattr(state, "max_steps", 0) or 0
         if 0 < max_steps < config.total_step - config.tfinal:
             logger.warning(

@@ -265,6 +265,8 @@ class Linear(LoraLayer):
     def _set_path(self, path: str) -> None:
         if path == self.fast_path:  # (nn.Module.__setattr__ is slow enough to show in a step; skip no-op sets)
             return
+        if lora_ops.compiling():  # a write during a traced forward would guard the graph on it: one recompile
+            return
         if path.startswith("reference"):
             logger.debug("%s: LoRA fused path declined (%s)", type(self).__name__, path)
         self.fast_path = path
@@ -280,6 +282,10 @@ class Linear(LoraLayer):
         for n in names:
             if not use_dora[n]:
                 continue
+            if lora_ops.compiling():
+                # the fused DoRA node checks the magnitude for zeros (data-dependent) and caches the weight norm
+                # across calls; traced, the reference math is one graph and the compiler fuses it
+                return "DoRA under torch.compile"
             if len(names) > 1:
                 return "DoRA combined with other active adapters"
             if self.training and not isinstance(modules["lora_dropout"][n], nn.Identity):

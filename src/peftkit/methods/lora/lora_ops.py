@@ -388,6 +388,14 @@ class _TritonLoraOneFn(_LoraOneFn):
         return y.view(*x.shape[:-1], out_f)
 
 
+def compiling() -> bool:
+    """True while torch.compile (dynamo) traces the caller."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if fn is None:  # torch < 2.3
+        fn = getattr(torch._dynamo, "is_compiling", lambda: False)
+    return bool(fn())
+
+
 def fused_linear_decline(base: nn.Module, x: torch.Tensor) -> Optional[str]:
     """Why the fused linear nodes here cannot run ``base`` (the module an adapter layer wraps) on ``x``; None
     if they can. They assume a frozen weight, an input already in the weight's dtype and no autocast (whose
