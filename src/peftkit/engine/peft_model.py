@@ -17,6 +17,7 @@ from peftkit.engine.layer import BASE_ADAPTER, mixed_batch
 from peftkit.engine.registry import method_for_config
 from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
 from peftkit.engine.tuner import AdapterModel
+from peftkit.integrations.distributed import any_sharded, is_writer
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
@@ -229,12 +230,17 @@ class PeftModel(nn.Module):
         for n in names:
             if n not in self.peft_config:
                 raise ValueError(f"No adapter named {n!r} to save; this model has: {', '.join(self.peft_config)}.")
-        if not is_main_process:
+        # Sharded parameters (FSDP2, ZeRO-3): every rank takes part in gathering them; rank 0 writes.
+        sharded = any_sharded(self.parameters())
+        if not is_main_process and not sharded:
             return
+        write = is_main_process and (not sharded or is_writer())
         for name in names:
+            tensors = get_adapter_state_dict(self.base_model, name)
+            if not write:
+                continue
             out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out_dir, exist_ok=True)
-            tensors = get_adapter_state_dict(self.base_model, name)
             save_tensors(tensors, os.path.join(out_dir, SAFETENSORS_NAME))
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True

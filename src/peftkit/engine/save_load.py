@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.integrations.distributed import copy_into, full_tensor
 
 if TYPE_CHECKING:
     from peftkit.engine.tuner import AdapterModel
@@ -59,7 +60,8 @@ def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str,
 
 def get_adapter_state_dict(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as in a PEFT checkpoint."""
-    tensors = {k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
+    # sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3) are gathered: a collective, every rank calls it
+    tensors = {k: full_tensor(v) for k, v in adapter_parameter_map(model, adapter_name).items()}
     tensors = model.adapter_tensors_to_save(adapter_name, tensors)
     out = {CHECKPOINT_PREFIX + k: v for k, v in tensors.items()}
     out.update({k: v.detach() for k, v in model.engine_adapter_tensors(adapter_name).items()})
@@ -123,7 +125,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
             unexpected.append(key)
             continue
         live = targets_for_key[short]
-        if tuple(live.shape) != tuple(value.shape):
+        if tuple(getattr(live, "ds_shape", live.shape)) != tuple(value.shape):  # ds_shape: DeepSpeed ZeRO-3
             raise ValueError(
                 f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects {tuple(live.shape)}. "
                 "The adapter was trained for a different base model or a different configuration (rank, targets)."
@@ -151,7 +153,7 @@ def set_adapter_state_dict(model: "AdapterModel", state_dict: dict[str, torch.Te
         logger.warning("Adapter tensors not found in the checkpoint (left as initialised): %s", ", ".join(missing[:10]))
     with torch.no_grad():
         for live, value in plan:
-            live.copy_(value.to(device=live.device, dtype=live.dtype))
+            copy_into(live, value)  # a sharded parameter (FSDP2, ZeRO-3) keeps its own slice
     model.after_adapter_loaded(adapter_name)
 
 
