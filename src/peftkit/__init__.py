@@ -26,6 +26,7 @@ from peftkit.engine.peft_model import (
 )
 from peftkit.engine.registry import supported_methods
 from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+from peftkit.integrations.quantization import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -59,5 +60,6 @@ __all__ = [
     "get_adapter_state_dict",
     "get_peft_model",
     "set_adapter_state_dict",
+    "prepare_model_for_kbit_training",
     "supported_methods",
 ]

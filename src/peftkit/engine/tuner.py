@@ -308,6 +308,10 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{self.method.peft_type} adapters cannot be merged into the base weights.")
         names = self._check_names(adapter_names)
         layers = list(self.adapter_layers())
+        from peftkit.integrations.quantization import check_mergeable
+
+        for _, layer in layers:  # a quantised base that cannot be re-quantised refuses before anything changes
+            check_mergeable(layer.get_base_layer())
         if safe_merge:
             # Check every layer before writing any, so that a failure leaves all base weights untouched.
             for path, layer in layers:

@@ -23,6 +23,7 @@ from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
+from peftkit.integrations import quantization as _quant
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,9 @@ class Linear(LoraLayer):
         self.fan_in_fan_out = fan_in_fan_out
         w = base_layer.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        quantized = _quant.linear_features(innermost_base(base_layer))  # bitsandbytes 4-bit packs its weight
+        if quantized is not None:
+            self.in_features, self.out_features = quantized
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
         r = self._set_hyper(adapter_name, config, module_name)
@@ -165,6 +169,9 @@ class Linear(LoraLayer):
         if loading:
             nn.init.zeros_(b.weight)  # overwritten by the checkpoint; keep creation cheap and data-independent
         elif isinstance(init, str) and init.startswith("pissa"):
+            if _quant.is_quantized(self.get_base_layer()):
+                raise ValueError(f"PiSSA initialisation rewrites the base weight of {module_name or 'the layer'}, "
+                                 "which is quantised here; initialise PiSSA on the unquantised model instead.")
             self._pissa_init(adapter_name, init)
         else:
             lora_ops.init_factors(a.weight, b.weight, init, r)
@@ -174,6 +181,8 @@ class Linear(LoraLayer):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(dtype))
 
     def _oriented_base_weight(self) -> torch.Tensor:
+        if _quant.is_quantized(self.get_base_layer()):  # a transient dequantised copy (DoRA norms), never stored
+            return _quant.dequantize(self.get_base_layer(), adapter_dtype(self.get_base_layer().weight))
         w = self.get_base_layer().weight
         return w.t() if self.fan_in_fan_out else w
 
