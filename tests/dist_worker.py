@@ -133,16 +133,55 @@ def run_case(case: str, rank: int, out: str) -> None:
     dist.barrier()
 
 
+def run_accelerate(mode: str, rank: int, out: str) -> None:
+    """``Accelerator().prepare`` (DDP: ``cpu=True``; FSDP2: its FSDP plugin, ``fsdp_version=2``), train, then
+    ``unwrap_model(model).save_pretrained(..., is_main_process=accelerator.is_main_process)`` on every rank."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    accelerator = Accelerator(cpu=True)
+    if mode == "fsdp2":
+        # accelerate picks FSDP only on accelerator devices (on CPU it falls back to DDP); set its FSDP2 plugin by
+        # hand so that prepare() runs accelerate's own FSDP2 code (fully_shard per decoder layer and the root)
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+            reshard_after_forward=True)
+    _, model = _build("lora")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = accelerator.prepare(model, opt)
+    kind = str(accelerator.distributed_type)
+    ids = _batch()[rank * (GLOBAL_BATCH // WORLD):(rank + 1) * (GLOBAL_BATCH // WORLD)]
+    model.train()
+    for _ in range(STEPS):
+        loss = model(input_ids=ids, labels=ids).loss
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    unwrapped = accelerator.unwrap_model(model)
+    with open(os.path.join(out, f"kind_rank{rank}.txt"), "w") as fh:
+        fh.write(f"{kind} {type(model).__name__} {type(next(unwrapped.parameters())).__name__}")
+    unwrapped.save_pretrained(os.path.join(out, "saved"), is_main_process=accelerator.is_main_process)
+    save_file(_state(unwrapped), os.path.join(out, f"gathered_rank{rank}.safetensors"))
+    accelerator.wait_for_everyone()
+
+
 def worker(rank: int, out: str, cases: list[str], port: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         for case in cases:
             try:
-                run_case(case, rank, os.path.join(out, case))
+                if case.startswith("accelerate_"):
+                    run_accelerate(case.split("_", 1)[1], rank, os.path.join(out, case))
+                else:
+                    run_case(case, rank, os.path.join(out, case))
             except Exception:
                 with open(os.path.join(out, f"{case}.error_rank{rank}.txt"), "w") as fh:
                     fh.write(traceback.format_exc())

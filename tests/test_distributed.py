@@ -28,6 +28,12 @@ sys.path.insert(0, HERE)
 import dist_worker  # noqa: E402
 
 CASES = ["lora", "dora", "loha", "lokr", "oft", "hra", "miss", "boft", "lora_mts"]
+try:
+    import accelerate  # noqa: F401
+
+    ACCELERATE = ["accelerate_ddp", "accelerate_fsdp2"]
+except ImportError:  # pragma: no cover - accelerate is a test dependency
+    ACCELERATE = []
 TOL = 2e-6  # gradients are all-reduced in another order than one process sums them
 
 
@@ -35,7 +41,7 @@ TOL = 2e-6  # gradients are all-reduced in another order than one process sums t
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "dist_worker.py"), str(out), ",".join(CASES)],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "dist_worker.py"), str(out), ",".join(CASES + ACCELERATE)],
                           capture_output=True, text=True, timeout=600, env=env)
     errors = "".join(open(out / f).read() for f in os.listdir(out) if ".error_rank" in f)
     assert proc.returncode == 0, f"distributed worker failed:\n{errors or proc.stderr[-4000:]}"
@@ -110,3 +116,23 @@ def test_load_into_fsdp2_sharded_model(runs, case):
         _assert_close(out, saved, 0.0, f"adapter loaded into the sharded model (rank {rank})")
         diff = (logits - want).abs().max().item()
         assert diff <= 1e-5, f"sharded model with the loaded adapter: logits differ by {diff:.3g} (rank {rank})"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_accelerate_prepare_and_save_pretrained(runs, mode):
+    pytest.importorskip("accelerate")
+    d = runs / f"accelerate_{mode}"
+    kinds = [open(d / f"kind_rank{r}.txt").read().split() for r in (0, 1)]
+    if mode == "fsdp2":  # accelerate's prepare() applied fully_shard: the parameters are sharded DTensors
+        assert all(k[1].startswith("FSDP") and k[2] == "DTensor" for k in kinds), kinds
+    else:
+        assert all(k[0] == "DistributedType.MULTI_CPU" and k[1] == "DistributedDataParallel" for k in kinds), kinds
+    ref = _load(runs / "lora" / "ref.safetensors")  # one process, same global batch, same steps
+    gathered = _load(d / "gathered_rank0.safetensors")
+    _assert_close(_load(d / "gathered_rank1.safetensors"), gathered, 0.0, "ranks")
+    _assert_close(gathered, ref, TOL, "accelerate vs one process")
+    assert sorted(os.listdir(d / "saved")) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = _load(d / "saved" / "adapter_model.safetensors")
+    _assert_close(saved, gathered, 0.0, "adapter-only folder")
+    loaded = peftkit.PeftModel.from_pretrained(MODELS["llama"].build(), d / "saved")
+    _assert_close(peftkit.get_adapter_state_dict(loaded.base_model, "default"), saved, 0.0, "loaded in one process")
