@@ -168,6 +168,56 @@ def run_accelerate(mode: str, rank: int, out: str) -> None:
     accelerator.wait_for_everyone()
 
 
+def run_deepspeed(stage: int, rank: int, out: str) -> None:
+    """DeepSpeed ZeRO-``stage`` on CPU (gloo); ZeRO-3 partitions every parameter (base and adapter) at
+    ``deepspeed.initialize``. ``save_pretrained`` on every rank
+    gathers the partitioned adapter; the saved adapter is then loaded into a fresh engine's partitioned model."""
+    import deepspeed
+    from safetensors.torch import save_file
+
+    import peftkit
+    from models import MODELS
+
+    os.makedirs(out, exist_ok=True)
+    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
+              "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+
+    def engine_model():
+        # built as in the reference (under deepspeed.zero.Init, transformers' weight init would run on empty
+        # partitions and give another base); deepspeed.initialize partitions every parameter for ZeRO-3
+        base = MODELS["llama"].build()
+        torch.manual_seed(11)
+        model = peftkit.get_peft_model(base, case_config("lora"))
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
+        return engine, model
+
+    engine, model = engine_model()
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    with open(os.path.join(out, f"kind_rank{rank}.txt"), "w") as fh:
+        fh.write(f"{stage} {tuple(lora_a.shape)} {hasattr(lora_a, 'ds_id')}")
+    ids = _batch()[rank * (GLOBAL_BATCH // WORLD):(rank + 1) * (GLOBAL_BATCH // WORLD)]
+    engine.train()
+    for _ in range(STEPS):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    model.save_pretrained(os.path.join(out, "saved"))
+    save_file(_state(model), os.path.join(out, f"gathered_rank{rank}.safetensors"))
+    dist_barrier()
+    engine, fresh = engine_model()
+    weights = peftkit.engine.io.load_tensors(os.path.join(out, "saved", "adapter_model.safetensors"))
+    peftkit.set_adapter_state_dict(fresh.base_model, weights, "default")
+    save_file(_state(fresh), os.path.join(out, f"loaded_rank{rank}.safetensors"))
+
+
+def dist_barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def worker(rank: int, out: str, cases: list[str], port: int) -> None:
     import torch.distributed as dist
 
@@ -178,7 +228,9 @@ def worker(rank: int, out: str, cases: list[str], port: int) -> None:
     try:
         for case in cases:
             try:
-                if case.startswith("accelerate_"):
+                if case.startswith("deepspeed_zero"):
+                    run_deepspeed(int(case[-1]), rank, os.path.join(out, case))
+                elif case.startswith("accelerate_"):
                     run_accelerate(case.split("_", 1)[1], rank, os.path.join(out, case))
                 else:
                     run_case(case, rank, os.path.join(out, case))

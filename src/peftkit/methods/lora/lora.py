@@ -153,7 +153,8 @@ class Linear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        shape = tuple(getattr(w, "ds_shape", w.shape))  # DeepSpeed ZeRO-3 leaves an empty local tensor
+        self.in_features, self.out_features = (shape[0], shape[1]) if fan_in_fan_out else (shape[1], shape[0])
         quantized = _quant.linear_features(innermost_base(base_layer))  # bitsandbytes 4-bit packs its weight
         if quantized is not None:
             self.in_features, self.out_features = quantized
