@@ -41,12 +41,12 @@ def _rss_kib(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", fh.read()).group(1))
 
 
-def build(folder: str) -> None:
+def build(folder: str, vocab: int = 8192) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256)
     LlamaForCausalLM(cfg).save_pretrained(folder)
 
@@ -83,7 +83,7 @@ def run(folder: str, lib: str, base: str, device: str, steps: int) -> dict:
             fh.write("5")
         resident = _rss_kib("VmRSS") * 1024 - start
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 8192, (1, 128), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0)).to(device)
     live = _live_tensor_bytes(device)
     from torch.profiler import ProfilerActivity, profile
 
@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--libs", default="peftkit,peft")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size (Llama's own: 32000)")
     ap.add_argument("--_child", nargs=3, metavar=("FOLDER", "LIB", "BASE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
@@ -154,7 +155,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                        f"import qlora_memory; qlora_memory.build({folder!r})"], check=True)
+                        f"import qlora_memory; qlora_memory.build({folder!r}, {args.vocab})"], check=True)
         results = []
         for lib in args.libs.split(","):
             for base in ("fp32", "nf4"):

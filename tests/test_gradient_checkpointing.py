@@ -94,7 +94,9 @@ def test_same_gradients_with_checkpointing(base, experts, method, reentrant):
     checkpointed = copy.deepcopy(model)
     assert not checkpointed.get_base_model().get_input_embeddings().weight.requires_grad  # a frozen embedding
     want = _grads(model)
-    assert want and all(g is not None for g in want.values())
+    assert want and any(g is not None for g in want.values())
+    if method in CONFIGS:  # (a method added later may have parameters a forward does not use)
+        assert all(g is not None for g in want.values())
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if reentrant:
         checkpointed.enable_input_require_grads()
@@ -106,6 +108,9 @@ def test_same_gradients_with_checkpointing(base, experts, method, reentrant):
     got = _grads(checkpointed)
     assert sorted(got) == sorted(want)
     for n in want:
+        if want[n] is None:
+            assert got[n] is None, f"{n} got a gradient only under checkpointing"
+            continue
         assert got[n] is not None, f"{n} got no gradient under checkpointing"
         diff = (got[n] - want[n]).abs().max().item()
         scale = max(1.0, want[n].abs().max().item())
