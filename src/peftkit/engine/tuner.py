@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from peftkit.engine.config import TargetedConfig
-from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper, innermost_base
+from peftkit.integrations import quantization as _quant
 from peftkit.engine.registry import MethodSpec, method_for_config
 from peftkit.engine.targeting import ALL_LINEAR, expand_all_linear, find_targets
 
@@ -158,6 +159,12 @@ class AdapterModel(nn.Module):
                     module.adapter_configs[adapter_name] = config
                     wrapped += 1
                     continue
+                quant_kind = _quant.backend(innermost_base(module))
+                if quant_kind is not None and not spec.supports_quantized_base:
+                    raise ValueError(
+                        f"{spec.peft_type} cannot adapt {name}: it is a quantised layer ({quant_kind}). On quantised "
+                        "bases use LoRA or DoRA (LoraConfig), or load the base model without quantisation."
+                    )
                 layer = spec.create_layer(module, adapter_name, config, module_name=name, loading=loading)
                 if layer is None:
                     skipped.append(f"{name} ({type(module).__name__})")

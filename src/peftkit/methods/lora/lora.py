@@ -486,6 +486,7 @@ LORA = register_method(
         create_layer=create_lora_layer,
         prefix="lora_",
         model_cls=LoraModel,
+        supports_quantized_base=True,
         default_target_modules={
             "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
             "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"], "t5": ["q", "v"],
