@@ -51,6 +51,7 @@ from peftkit.engine.functional import (
 from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.integrations import PeftkitCallback
+from peftkit.integrations.quantization import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -107,6 +108,7 @@ __all__ = [
     "get_adapter_state_dict",
     "get_peft_model",
     "set_adapter_state_dict",
+    "prepare_model_for_kbit_training",
     "supported_methods",
     # PEFT's functional API (engine/functional.py)
     "NoMatchingPeftModuleError",

@@ -24,6 +24,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from peftkit.integrations import quantization as _quant
+
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # in adapter_names=: this row uses no adapter
@@ -215,6 +217,8 @@ class AdapterLayer(nn.Module):
     def first_nonfinite_merge(self, adapter_names: Sequence[str]) -> Optional[str]:
         """Dry run of :meth:`merge`: the first adapter whose merge would make the weights NaN/inf, or None."""
         weight = self._weight_param().data
+        if _quant.is_quantized(self.get_base_layer()):  # a quantised base: check the dequantised weight
+            weight = _quant.dequantize(self.get_base_layer())
         with torch.no_grad():
             for name in adapter_names:
                 if name not in self.adapter_configs or name in self.merged_adapters:
@@ -229,6 +233,10 @@ class AdapterLayer(nn.Module):
         for name in names:
             if name not in self.adapter_configs or name in self.merged_adapters:
                 continue
+            if _quant.is_quantized(self.get_base_layer()):  # dequantise, merge, re-quantise (error reported)
+                _quant.merge_quantized(self, name, safe_merge=safe_merge)
+                self.merged_adapters.append(name)
+                continue
             weight = self._weight_param()
             with torch.no_grad():
                 new = self.merged_weight(name, weight.data)
@@ -242,6 +250,9 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            if _quant.is_quantized(self.get_base_layer()):
+                _quant.merge_quantized(self, name, unmerge=True)
+                continue
             weight = self._weight_param()
             with torch.no_grad():
                 weight.data.copy_(self.unmerged_weight(name, weight.data))

@@ -20,6 +20,7 @@ from peftkit.engine.registry import method_for_config
 from peftkit.engine.save_load import LoadResult, get_adapter_state_dict, set_adapter_state_dict
 from peftkit.engine.tuner import AdapterModel
 from peftkit.integrations import peft_compat as _peft_compat
+from peftkit.integrations.distributed import any_sharded, is_writer
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
@@ -153,6 +154,10 @@ class PeftModel(nn.Module):
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # noqa: D105
         return _peft_compat.model_bridge(type(self))
+
+    @__class__.setter
+    def __class__(self, cls: type) -> None:  # e.g. FSDP2's fully_shard swaps in a subclass of the real type
+        object.__dict__["__class__"].__set__(self, cls)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return _peft_compat.reduce_ex(self, protocol)
@@ -395,16 +400,24 @@ class PeftModel(nn.Module):
             if n not in self.peft_config:
                 raise ValueError(f"No adapter named {n!r} to save; this model has: {', '.join(self.peft_config)}.")
             _check_adapter_name(n)
-        if not is_main_process:
+        # Sharded parameters (FSDP2, ZeRO-3): every rank takes part in gathering them; global rank 0 writes.
+        sharded = any_sharded(self.parameters())
+        if not is_main_process and not sharded:
             return
+        write_here = is_main_process and (not sharded or is_writer())
         if format == "adapterhub":
+            if sharded:
+                raise ValueError("format='adapterhub' cannot gather sharded (FSDP2 / ZeRO-3) parameters; save in "
+                                 "peftkit's format and convert in one process, or unshard the model first.")
             from peftkit.engine.adapterhub import save_adapterhub
 
             save_adapterhub(self, save_directory, names)
             return
         payload = []
         for name in names:
-            tensors = get_adapter_state_dict(self.base_model, name)
+            tensors = get_adapter_state_dict(self.base_model, name)  # gathers sharded tensors (collective)
+            if not write_here:
+                continue
             if not tensors:
                 raise ValueError(
                     f"Adapter {name!r} has no tensors left in the model (after merge_and_unload() or unload() the "
@@ -423,6 +436,8 @@ class PeftModel(nn.Module):
             text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
             metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(json.loads(text))}
             payload.append(("" if name == "default" else name, tensors, text, metadata))
+        if not write_here:
+            return
         written = {rel for rel, *_ in payload}
         ours = (CONFIG_NAME, SAFETENSORS_NAME, LEGACY_WEIGHTS_NAME)
 

@@ -32,6 +32,7 @@ class MethodSpec:
             (AdaLoRA's budget, X-LoRA's gate). Defaults to the plain engine.
         default_target_modules: per ``model_type`` defaults used when the config gives no ``target_modules``.
         supports_mixed_batch: whether ``adapter_names=`` (one adapter per row) is allowed.
+        supports_quantized_base: whether the method adapts quantised linear layers (bitsandbytes 4/8-bit, torchao).
     """
 
     peft_type: str
@@ -42,6 +43,8 @@ class MethodSpec:
     default_target_modules: dict[str, list[str]] = field(default_factory=dict)
     supports_mixed_batch: bool = True
     supports_merge: bool = True
+    # whether the method's layers work on quantised linears (bitsandbytes, torchao); others are refused on them
+    supports_quantized_base: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.integrations.distributed import copy_into, full_tensor
 
 if TYPE_CHECKING:
     from peftkit.engine.tuner import AdapterModel
@@ -60,7 +61,8 @@ def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str,
 
 def get_adapter_state_dict(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as in a PEFT checkpoint."""
-    tensors = {k: v.detach() for k, v in adapter_parameter_map(model, adapter_name).items()}
+    # sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3) are gathered: a collective, every rank calls it
+    tensors = {k: full_tensor(v) for k, v in adapter_parameter_map(model, adapter_name).items()}
     tensors = model.adapter_tensors_to_save(adapter_name, tensors)
     prefix = getattr(type(model), "checkpoint_prefix", CHECKPOINT_PREFIX)
     out = {prefix + k: v for k, v in tensors.items()}
@@ -170,10 +172,11 @@ def set_adapter_state_dict(
             unexpected.append(key)
             continue
         live = targets_for_key[short]
-        if tuple(live.shape) != tuple(value.shape) and ignore_mismatched_sizes:
-            mismatched.append((id(live), f"{key}: checkpoint {tuple(value.shape)}, model {tuple(live.shape)}"))
+        live_shape = tuple(getattr(live, "ds_shape", live.shape))  # ds_shape: DeepSpeed ZeRO-3 partitions
+        if live_shape != tuple(value.shape) and ignore_mismatched_sizes:
+            mismatched.append((id(live), f"{key}: checkpoint {tuple(value.shape)}, model {live_shape}"))
             continue
-        if tuple(live.shape) != tuple(value.shape):
+        if live_shape != tuple(value.shape):
             raise ValueError(
                 f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects {tuple(live.shape)}. "
                 "The adapter was trained for a different base model or a different configuration (rank, targets)."
@@ -221,7 +224,7 @@ def set_adapter_state_dict(
                        "initialised): %s", "; ".join(m for _, m in mismatched[:10]))
     with torch.no_grad():
         for live, value in plan:
-            live.copy_(value.to(device=live.device, dtype=live.dtype))
+            copy_into(live, value)  # a sharded parameter (FSDP2, ZeRO-3) keeps its own slice
     model.after_adapter_loaded(adapter_name)
     names = {id(t): f"base_model.{n}" for n, t in model.state_dict(keep_vars=True).items()}
     method_prefix = model.method.prefix

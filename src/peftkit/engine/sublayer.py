@@ -176,6 +176,19 @@ def block_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+class _SublayerHook:
+    """A forward (pre-)hook of a sub-layer module that hands its call to the wrapping adapter layer: ``kind`` "x"
+    records the residual input, "h" replaces the sub-layer output."""
+
+    def __init__(self, layer: "SublayerAdapterLayer", loc: str, sub: "Placement", kind: str) -> None:
+        self.layer, self.loc, self.sub, self.kind = layer, loc, sub, kind
+
+    def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> Any:
+        if self.kind == "x":
+            return self.layer._record_x(self.loc, self.sub, args, rest[0])
+        return self.layer._replace_h(self.loc, rest[0])
+
+
 class SublayerAdapterLayer(AdapterLayer):
     """Wraps one block; hosts adapters at its sub-layers through hooks (see the module docstring).
 
@@ -187,7 +200,6 @@ class SublayerAdapterLayer(AdapterLayer):
         super().__init__(base_layer)
         self.placement = placement
         self._x: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
         self._sublayer_cache: dict[str, Placement] = {}
         self._ln_refs: dict[str, tuple[Optional[nn.Module]]] = {}
         for sub in placement.sublayers:
@@ -215,30 +227,34 @@ class SublayerAdapterLayer(AdapterLayer):
         h_mod = block.get_submodule(sub.h_module)
         loc = sub.location
 
-        def record_x(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._wants(loc):
-                x = args[sub.x_arg] if len(args) > sub.x_arg else kwargs.get(sub.x_kwarg or "", None)
-                self._x[loc] = x
-
-        def replace_h(_module: nn.Module, _args: tuple, output: Any) -> Any:
-            if not self._wants(loc):
-                return None
-            x = self._x.pop(loc, None)
-            if isinstance(output, tuple):
-                return (self._adapt(loc, output[0], x),) + output[1:]
-            return self._adapt(loc, output, x)
-
-        self._handles.append(x_mod.register_forward_pre_hook(record_x, with_kwargs=True))
-        self._handles.append(h_mod.register_forward_hook(replace_h))
+        # hooks are small objects (not closures over self), so that copy.deepcopy of the model gives hooks that
+        # drive the copy's adapters, not the original's
+        x_mod.register_forward_pre_hook(_SublayerHook(self, loc, sub, "x"), with_kwargs=True)
+        h_mod.register_forward_hook(_SublayerHook(self, loc, sub, "h"))
         self._sublayer_cache[loc] = sub
         # a plain reference (a tuple, not a submodule: the LayerNorm stays the block's own parameter)
         self._ln_refs[loc] = (block.get_submodule(sub.layer_norm) if sub.layer_norm else None,)
 
+    def _record_x(self, loc: str, sub: "Placement", args: tuple, kwargs: dict) -> None:
+        if self._wants(loc):
+            x = args[sub.x_arg] if len(args) > sub.x_arg else kwargs.get(sub.x_kwarg or "", None)
+            self._x[loc] = x
+
+    def _replace_h(self, loc: str, output: Any) -> Any:
+        if not self._wants(loc):
+            return None
+        x = self._x.pop(loc, None)
+        if isinstance(output, tuple):
+            return (self._adapt(loc, output[0], x),) + output[1:]
+        return self._adapt(loc, output, x)
+
     def on_unwrap(self) -> None:
         """Remove the hooks (called by the engine when this wrapper is taken out of the model)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for module in self.base_layer.modules():
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key in [k for k, h in hooks.items() if isinstance(h, _SublayerHook) and h.layer is self]:
+                    del hooks[key]
+                    getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
         self._x.clear()
 
     def layer_norm(self, location: str) -> Optional[nn.Module]:

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from peftkit.engine.config import TargetedConfig
-from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper, innermost_base
+from peftkit.integrations import quantization as _quant
 from peftkit.engine.registry import MethodSpec, method_for_config
 from peftkit.engine.targeting import ALL_LINEAR, expand_all_linear, find_targets
 from peftkit.engine.validation import check_rank_against_layer, validate_config
@@ -245,6 +246,12 @@ class AdapterModel(nn.Module):
                     module.adapter_configs[adapter_name] = config
                     wrapped += 1
                     continue
+                quant_kind = _quant.backend(innermost_base(module))
+                if quant_kind is not None and not spec.supports_quantized_base:
+                    raise ValueError(
+                        f"{spec.peft_type} cannot adapt {name}: it is a quantised layer ({quant_kind}). On quantised "
+                        "bases use LoRA or DoRA (LoraConfig), or load the base model without quantisation."
+                    )
                 layer = spec.create_layer(module, adapter_name, config, module_name=name, loading=loading)
                 if layer is None:
                     skipped.append(f"{name} ({type(module).__name__})")
@@ -462,6 +469,10 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{self.method.peft_type} adapters cannot be merged into the base weights.")
         names = self._check_names(adapter_names)
         layers = list(self.adapter_layers())
+        from peftkit.integrations.quantization import check_mergeable
+
+        for _, layer in layers:  # a quantised base that cannot be re-quantised refuses before anything changes
+            check_mergeable(layer.get_base_layer())
         for path, layer in layers:  # refused before any weight changes
             refusal = getattr(layer, "merge_refusal", lambda: None)()
             if refusal and any(n in layer.adapter_configs for n in names):

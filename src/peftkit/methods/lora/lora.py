@@ -25,6 +25,7 @@ from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.kernels import kernels_enabled
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
+from peftkit.integrations import quantization as _quant
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,11 @@ class Linear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        shape = tuple(getattr(w, "ds_shape", w.shape))  # DeepSpeed ZeRO-3 leaves an empty local tensor
+        self.in_features, self.out_features = (shape[0], shape[1]) if fan_in_fan_out else (shape[1], shape[0])
+        quantized = _quant.linear_features(innermost_base(base_layer))  # bitsandbytes 4-bit packs its weight
+        if quantized is not None:
+            self.in_features, self.out_features = quantized
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
         r = self._set_hyper(adapter_name, config, module_name)
@@ -188,6 +193,9 @@ class Linear(LoraLayer):
         if loading:
             nn.init.zeros_(b.weight)  # overwritten by the checkpoint; keep creation cheap and data-independent
         elif isinstance(init, str) and init.startswith("pissa"):
+            if _quant.is_quantized(self.get_base_layer()):
+                raise ValueError(f"PiSSA initialisation rewrites the base weight of {module_name or 'the layer'}, "
+                                 "which is quantised here; initialise PiSSA on the unquantised model instead.")
             self._pissa_init(adapter_name, init)
         elif init == "olora":
             self._olora_init(adapter_name)
@@ -204,6 +212,8 @@ class Linear(LoraLayer):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(dtype))
 
     def _oriented_base_weight(self) -> torch.Tensor:
+        if _quant.is_quantized(self.get_base_layer()):  # a transient dequantised copy (DoRA norms), never stored
+            return _quant.dequantize(self.get_base_layer(), adapter_dtype(self.get_base_layer().weight))
         w = self.get_base_layer().weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -555,6 +565,7 @@ LORA = register_method(
         create_layer=create_lora_layer,
         prefix="lora_",
         model_cls=LoraModel,
+        supports_quantized_base=True,
         default_target_modules={
             "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
             "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"], "t5": ["q", "v"],

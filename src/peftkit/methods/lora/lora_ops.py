@@ -407,6 +407,10 @@ def fused_linear_decline(base: nn.Module, x: torch.Tensor) -> Optional[str]:
     w = base.weight
     if w.requires_grad:
         return "the base weight is trainable"
+    from peftkit.integrations.quantization import is_quantized
+
+    if is_quantized(base):
+        return "the base layer is quantised (its own kernel computes the base output)"
     if x.dtype != w.dtype or not x.is_floating_point():
         return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
     if torch.is_autocast_enabled(x.device.type):

@@ -107,6 +107,16 @@ class XLoraConfig(PeftConfig):
 
 
 # ------------------------------------------------------------------------------------------------ math
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model checkpoints its blocks with torch's reentrant variant."""
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            if getattr(fn, "keywords", {}).get("use_reentrant", True):
+                return True
+    return False
+
+
 def gate_scalings(logits: torch.Tensor, n_layers: int, n_experts: int, config: XLoraConfig) -> torch.Tensor:
     """Gate output (batch, seq, n_experts or n_layers * n_experts) -> scalings (batch, seq, n_layers, n_experts)."""
     b, s = logits.shape[:2]
@@ -478,6 +488,13 @@ class XLoraModel(AdapterModel):
             raise ValueError(
                 "X-LoRA recomputes its gate from the whole sequence at every step and cannot use a KV cache; call "
                 "generate(..., use_cache=False) (the default after get_peft_model) and pass no cache / past_key_values."
+            )
+        if torch.is_grad_enabled() and module.training and _reentrant_checkpointing(module):
+            # the scalings reach the layers beside their inputs: reentrant recomputation would backpropagate
+            # into the gate once per checkpointed block ("backward through the graph a second time")
+            raise ValueError(
+                "X-LoRA cannot train with reentrant activation checkpointing (its gate's scalings reach the layers "
+                "outside their inputs); enable it with gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
         b, s = ref.shape[:2]
         n_layers, n_experts = len(self._xlora_layers), len(self.expert_names)
