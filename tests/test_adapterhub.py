@@ -88,9 +88,9 @@ def test_unsupported_adapterhub_config_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="prefix_tuning"):
         peftkit.PeftModel.from_pretrained(base, tmp_path)
     meta["config"] = dict(json.load(open(os.path.join(HERE, "bert-seq_bn", "adapter_config.json")))["config"],
-                          use_gating=True)
+                          stochastic_depth=0.1)
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="use_gating"):
+    with pytest.raises(ValueError, match="stochastic_depth"):
         peftkit.PeftModel.from_pretrained(base, tmp_path)
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
 

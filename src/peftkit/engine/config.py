@@ -41,6 +41,8 @@ class PeftType(str, enum.Enum):
     P_TUNING = "P_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
     BOTTLENECK = "BOTTLENECK"  # AdapterHub's bottleneck family: SeqBn, DoubleSeqBn, ParBn, Compacter(++)
+    MAM = "MAM"  # hybrids (AdapterHub): prefix + parallel adapter
+    UNIPELT = "UNIPELT"  # hybrids (AdapterHub): gated prefix + bottleneck adapter + LoRA
 
     def __str__(self) -> str:  # json.dumps writes the value, str() too
         return self.value
