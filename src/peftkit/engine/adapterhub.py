@@ -7,7 +7,8 @@ An AdapterHub folder holds ``adapter_config.json`` (``config``, ``model_class``,
 (Llama), possibly behind a head model's prefix (``bert.``); Compacter's shared rule is
 ``[<prefix>.]shared_parameters.<name>.phm_rule``.
 
-Only bottleneck configs (AdapterHub's BnConfig family) are supported here; other architectures are refused by name.
+Bottleneck configs (AdapterHub's BnConfig family) and the hybrids MAM and UniPELT (``union`` configs, recognised by
+the hybrid configs' ``from_adapterhub``) are supported here; other architectures are refused by name.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def config_from_adapterhub(cfg: dict[str, Any]):
     from peftkit.engine.registry import get_method
 
     arch = cfg.get("architecture")
+    if arch == "union":  # a hybrid (MAM, UniPELT): the hybrid config that recognises its components
+        from peftkit.engine.hybrid import HybridConfig
+        from peftkit.engine.registry import _REGISTRY
+
+        for spec in _REGISTRY.values():
+            if isinstance(spec.config_cls, type) and issubclass(spec.config_cls, HybridConfig):
+                found = spec.config_cls.from_adapterhub(list(cfg.get("configs", [])))
+                if found is not None:
+                    return found
     if arch is not None:
         what = arch if arch != "union" else "union of " + ", ".join(
             str(c.get("architecture", "bottleneck")) for c in cfg.get("configs", []))
@@ -133,6 +143,9 @@ def key_map(peft_model: "PeftModel", adapter_name: str, ah_name: str, ln_before:
                 out[where + rest] = ours
                 if ln_before and rest.startswith("adapter_down.0."):
                     out[where + "adapter_norm_before." + rest[len("adapter_down.0."):]] = ours
+    if hasattr(engine, "adapterhub_key_map"):  # hybrids: their LoRA layers, prefix and gates
+        out.update(engine.adapterhub_key_map(adapter_name, ah_name, prefix))
+        return out, prefix
     for key in engine.engine_adapter_tensors(adapter_name):  # Compacter's shared rule
         out[f"shared_parameters.{ah_name}.{key.rsplit('.', 1)[-1]}"] = key
     return out, prefix
@@ -188,7 +201,8 @@ def load_adapterhub(peft_model_cls: Any, model: torch.nn.Module, folder: Union[s
         peft_model = into
         into.add_adapter(adapter_name, config, _loading=True)
     try:
-        mapping, _ = key_map(peft_model, adapter_name, str(meta.get("name", "")), ln_before=config.ln_before)
+        mapping, _ = key_map(peft_model, adapter_name, str(meta.get("name", "")),
+                             ln_before=getattr(config, "ln_before", False))
         converted = convert_state_dict(weights, mapping, folder)
         set_adapter_state_dict(peft_model.base_model, converted, adapter_name)
     except Exception:

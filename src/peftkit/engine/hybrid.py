@@ -59,6 +59,20 @@ class HybridConfig(PeftConfig):
     def prefix_component(self) -> Optional[PrefixSpec]:
         return None
 
+    @classmethod
+    def from_adapterhub(cls, configs: list[dict[str, Any]]) -> Optional["HybridConfig"]:
+        """This hybrid for AdapterHub's ``union`` config ``configs`` (its components' dicts), or None if the
+        union is not this hybrid. Raises, naming the field, when it is this hybrid with a setting peftkit lacks."""
+        return None
+
+
+def check_adapterhub_component(name: str, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
+    """Every setting of an AdapterHub component dict that peftkit's component also has must be equal."""
+    for key, value in ours.items():
+        if key in theirs and theirs[key] != value and not (isinstance(value, float) and theirs[key] == value):
+            raise ValueError(f"This AdapterHub {name} component has {key}={theirs[key]!r}; peftkit's hybrid supports "
+                             f"only {value!r} there.")
+
 
 class HybridPrefix(nn.Module):
     """One adapter's prefixes for every layer (AdapterHub's module names, so its checkpoints map one-to-one)."""
@@ -213,6 +227,9 @@ class HybridModel(AdapterModel):
             self.prefix_gates[adapter_name] = gates.to(ref.device)
         if not self._hooks:
             self._cache_name = cache_argument(self.model)
+            from peftkit.engine.prompting import forward_parameters
+
+            self._takes_position_ids = "position_ids" in forward_parameters(self.model)
             self._hooks.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
             for i, attn in enumerate(self_attention_modules(self.model)):
                 self._hooks.append(attn.register_forward_pre_hook(self._gate_hook(i), with_kwargs=True))
@@ -251,7 +268,8 @@ class HybridModel(AdapterModel):
         return name if name in self.prefix_tuning else None
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple]:
-        from peftkit.engine.prompting import PromptLearningModel, add_prefix_to_call
+        from peftkit.engine.prompting import (PromptLearningModel, _cache_of, _input_length, add_prefix_to_call,
+                                              cached_length, is_encoder_decoder)
 
         name = self._active_prefix()
         if name is None:
@@ -261,8 +279,22 @@ class HybridModel(AdapterModel):
         emb = prefix.wte.weight
         model_param = next(module.parameters())
         dtype = model_param.dtype if model_param.is_floating_point() else emb.dtype
-        add_prefix_to_call(module, kwargs, prefix.wte.num_embeddings,
-                           lambda batch, _encdec: prefix.keys_values(batch, dtype), cache_name=self._cache_name)
+        n = prefix.wte.num_embeddings
+        given = kwargs.get("position_ids")
+        past = cached_length(_cache_of(kwargs))
+        add_prefix_to_call(module, kwargs, n, lambda batch, _encdec: prefix.keys_values(batch, dtype),
+                           cache_name=self._cache_name)
+        # AdapterHub's positions: the real tokens keep theirs (0, 1, ...), the prefix has none; without explicit
+        # position ids the model would count the cached prefix as n earlier tokens
+        if given is not None:
+            kwargs["position_ids"] = given
+        elif self._takes_position_ids and not is_encoder_decoder(module):
+            length = _input_length(kwargs, decoder=False)
+            if length is not None:
+                start = max(past - n, 0)
+                ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+                kwargs["position_ids"] = torch.arange(start, start + length, device=ref.device).unsqueeze(0).expand(
+                    ref.shape[0], -1)
         return (), kwargs
 
     def _gate_hook(self, layer: int):
@@ -320,6 +352,38 @@ class HybridModel(AdapterModel):
         return super()._unwrap(merge=False)
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def adapterhub_key_map(self, adapter_name: str, ah_name: str, head_prefix: str) -> dict[str, str]:
+        """AdapterHub key suffixes -> our checkpoint keys for the LoRA layers, the prefix and its gates (the
+        bottleneck adapters are mapped by engine/adapterhub.py). ``head_prefix``: the model path before the blocks
+        (``model.``, ``bert.``), absent from a bare model's AdapterHub keys."""
+        from peftkit.engine.save_load import CHECKPOINT_PREFIX
+
+        def ah_path(path: str) -> str:
+            path = path.replace(".base_layer", "")
+            return path[len(head_prefix):] if head_prefix and path.startswith(head_prefix) else path
+
+        out: dict[str, str] = {}
+        for path, layer in self.adapter_layers():
+            if adapter_name not in getattr(layer, "lora_A", {}):
+                continue
+            ours = f"{CHECKPOINT_PREFIX}{path}."
+            where = f"{ah_path(path)}.loras.{ah_name}."
+            out[where + "lora_A"], out[where + "lora_B"] = ours + "lora_A.weight", ours + "lora_B.weight"
+            if adapter_name in layer.lora_gate:
+                out[where + "gate.weight"], out[where + "gate.bias"] = ours + "lora_gate.weight", ours + "lora_gate.bias"
+        if adapter_name in self.prefix_tuning:
+            for rest in self.prefix_tuning[adapter_name].state_dict():
+                if not rest.startswith("dropout"):
+                    # matches both the pool at the root and its copies under every attention layer
+                    out[f"prefix_tunings.{ah_name}.self_prefix.{rest}"] = f"base_model.prefix_tuning.{rest}"
+        if adapter_name in self.prefix_gates:
+            paths = {id(m): n for n, m in self.model.named_modules()}
+            for i, attn in enumerate(self_attention_modules(self.model)):
+                for rest in ("weight", "bias"):
+                    out[f"{ah_path(paths[id(attn)])}.prefix_tuning.prefix_gates.{ah_name}.{rest}"] = \
+                        f"base_model.prefix_gates.{i}.{rest}"
+        return out
+
     def engine_adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for attr in ("prefix_tuning", "prefix_gates"):

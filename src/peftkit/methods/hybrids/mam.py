@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from peftkit.engine.config import PeftType
-from peftkit.engine.hybrid import HybridConfig, HybridModel, PrefixSpec
+from peftkit.engine.hybrid import HybridConfig, HybridModel, PrefixSpec, check_adapterhub_component
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.adapters.bottleneck import ParBnConfig
 
@@ -44,6 +44,22 @@ class MAMConfig(HybridConfig):
 
     def prefix_component(self) -> PrefixSpec:
         return PrefixSpec(self.prefix_length, self.bottleneck_size)
+
+    @classmethod
+    def from_adapterhub(cls, configs: list) -> "MAMConfig | None":
+        kinds = [c.get("architecture", "bottleneck") for c in configs]
+        if sorted(kinds) != ["bottleneck", "prefix_tuning"]:
+            return None
+        prefix = configs[kinds.index("prefix_tuning")]
+        bn = configs[kinds.index("bottleneck")]
+        if not bn.get("is_parallel") or bn.get("mh_adapter") or prefix.get("use_gating") or bn.get("use_gating"):
+            return None  # another union of a prefix and a bottleneck adapter
+        config = cls(prefix_length=prefix["prefix_length"], bottleneck_size=prefix["bottleneck_size"],
+                     reduction_factor=bn["reduction_factor"], scaling=bn["scaling"], non_linearity=bn["non_linearity"],
+                     leave_out=list(bn.get("leave_out") or []))
+        check_adapterhub_component("prefix_tuning", prefix, dict(flat=False, non_linearity="tanh", dropout=0.0, leave_out=[]))
+        check_adapterhub_component("bottleneck", bn, config.layer_components()[0].adapterhub_dict())
+        return config
 
 
 MAM = register_method(MethodSpec(peft_type=PeftType.MAM.value, config_cls=MAMConfig, create_layer=lambda *a, **k: None,

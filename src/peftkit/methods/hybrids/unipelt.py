@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftkit.engine.config import PeftType
-from peftkit.engine.hybrid import HybridConfig, HybridModel, PrefixSpec
+from peftkit.engine.hybrid import HybridConfig, HybridModel, PrefixSpec, check_adapterhub_component
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.adapters.bottleneck import SeqBnConfig
 from peftkit.methods.lora.lora import LoraConfig
@@ -60,6 +60,28 @@ class UniPELTConfig(HybridConfig):
 
     def prefix_component(self) -> PrefixSpec:
         return PrefixSpec(self.prefix_length, self.bottleneck_size, use_gating=self.use_gating)
+
+    @classmethod
+    def from_adapterhub(cls, configs: list) -> "UniPELTConfig | None":
+        kinds = [c.get("architecture", "bottleneck") for c in configs]
+        if sorted(kinds) != ["bottleneck", "lora", "prefix_tuning"]:
+            return None
+        prefix, bn, lora = (configs[kinds.index(k)] for k in ("prefix_tuning", "bottleneck", "lora"))
+        gating = {bool(c.get("use_gating")) for c in (prefix, bn, lora)}
+        if len(gating) != 1:
+            raise ValueError("This AdapterHub union of prefix tuning, a bottleneck adapter and LoRA gates only some "
+                             "components; peftkit's UniPELTConfig gates all three or none (use_gating).")
+        config = cls(prefix_length=prefix["prefix_length"], bottleneck_size=prefix["bottleneck_size"],
+                     reduction_factor=bn["reduction_factor"], r=lora["r"], alpha=lora["alpha"],
+                     use_gating=gating.pop())
+        check_adapterhub_component("prefix_tuning", prefix, dict(flat=False, non_linearity="tanh", dropout=0.0,
+                                                                 leave_out=[], shared_gating=True))
+        check_adapterhub_component("bottleneck", bn, config.layer_components()[1].adapterhub_dict())
+        check_adapterhub_component("lora", lora, dict(attn_matrices=["q", "v"], selfattn_lora=True,
+                                                      intermediate_lora=False, output_lora=False, dropout=0.0,
+                                                      composition_mode="add", init_weights="lora", leave_out=[],
+                                                      use_dora=False))
+        return config
 
 
 UNIPELT = register_method(MethodSpec(peft_type=PeftType.UNIPELT.value, config_cls=UniPELTConfig,
