@@ -157,3 +157,75 @@ def test_bad_config_is_refused_by_field():
         peftkit.MAMConfig(scaling="sometimes")
     with pytest.raises(ValueError, match="r must"):
         peftkit.UniPELTConfig(r=0)
+
+
+def test_encoder_decoder_is_refused_and_leaves_the_model_unchanged():
+    base = MODELS["t5"].build()
+    names = [n for n, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        peftkit.get_peft_model(base, SMALL["mam"]())
+    assert [n for n, _ in base.named_modules()] == names
+    assert all(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_generate_equals_manual_greedy_decoding(arch, method):
+    model = peftkit.get_peft_model(MODELS[arch].build(), SMALL[method]()).eval()
+    noise(model)
+    ids = MODELS[arch].inputs(2)["input_ids"][:, :5]
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                  do_sample=False, use_cache=False)
+        seq = ids
+        for _ in range(4):
+            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(cached, seq) and torch.equal(uncached, seq)
+
+
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    grads = []
+    for gc in (False, True):
+        model = peftkit.get_peft_model(MODELS["llama"].build(), SMALL[method]())
+        noise(model)
+        if gc:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        kw = MODELS["llama"].inputs(2)
+        MODELS["llama"].loss(model, kw).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_disable_gives_the_base_output(arch, method):
+    base = MODELS[arch].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL[method]()).eval()
+    noise(model)
+    adapted = out(arch, model)
+    assert (adapted - out(arch, base)).abs().max() > 1e-3
+    with model.disable_adapter():
+        assert torch.allclose(out(arch, model), out(arch, base), atol=1e-6)
+    assert torch.equal(out(arch, model), adapted)
+
+
+def test_two_named_hybrid_adapters_switch():
+    base = MODELS["bert"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL["mam"]()).eval()
+    noise(model, seed=1)
+    first = out("bert", model)
+    model.add_adapter("other", SMALL["mam"]())
+    model.set_adapter("other")
+    noise(model, seed=2)
+    second = out("bert", model)
+    assert (first - second).abs().max() > 1e-3
+    model.set_adapter("default")
+    assert torch.allclose(out("bert", model), first, atol=1e-6)
+    model.delete_adapter("other")
+    assert "other" not in model.base_model.prefix_tuning

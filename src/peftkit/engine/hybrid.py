@@ -200,12 +200,17 @@ class HybridModel(AdapterModel):
                              f"{type(self.model).__name__}.")
 
     def _add_prefix(self, adapter_name: str, spec: PrefixSpec) -> None:
-        from peftkit.engine.prompting import cache_argument, keep_cache_under_checkpointing, model_dims
+        from peftkit.engine.prompting import (cache_argument, is_encoder_decoder, keep_cache_under_checkpointing,
+                                              model_dims)
 
         cls = type(self.model).__name__
         if cache_argument(self.model) is None:
             raise ValueError(f"The prefix of this hybrid goes through the model's cache, but {cls}.forward takes "
                              "neither `cache` nor `past_key_values`; this architecture is not supported.")
+        if is_encoder_decoder(self.model):
+            raise ValueError(f"{type(self.peft_config[adapter_name]).__name__} on {cls}: the hybrids' prefix is "
+                             "AdapterHub's, which encoder-decoder models get in the encoder, the decoder and the "
+                             "cross-attention; peftkit supports it on encoder-only and decoder-only models so far.")
         dims = model_dims(self.model, type(self.peft_config[adapter_name]).__name__)
         if not (dims["num_layers"] and dims["hidden"] and dims["heads"]):
             raise ValueError(f"Could not read the number of layers, hidden size and heads of {cls} from its config.")
