@@ -27,6 +27,7 @@ from peftkit.methods.prompts.llama_adapter import AdaptionPromptConfig, Adaption
 from peftkit.engine.prompting import PromptLearningConfig, PromptLearningModel
 from peftkit.methods.hybrids.mam import MAMConfig
 from peftkit.methods.hybrids.unipelt import UniPELTConfig
+from peftkit.methods.hybrids.ah_prefix import AdapterHubPrefixTuningConfig
 from peftkit.engine.hybrid import HybridConfig, HybridModel
 from peftkit.engine.peft_model import (
     PeftModel,
@@ -77,6 +78,7 @@ __all__ = [
     "PrefixEncoder",
     "MAMConfig",
     "UniPELTConfig",
+    "AdapterHubPrefixTuningConfig",
     "HybridConfig",
     "HybridModel",
     "PrefixTuningConfig",

@@ -79,13 +79,14 @@ def config_from_adapterhub(cfg: dict[str, Any]):
     from peftkit.engine.registry import get_method
 
     arch = cfg.get("architecture")
-    if arch == "union":  # a hybrid (MAM, UniPELT): the hybrid config that recognises its components
+    if arch in ("union", "prefix_tuning"):  # hybrids (MAM, UniPELT, a prefix alone): the config that recognises it
         from peftkit.engine.hybrid import HybridConfig
         from peftkit.engine.registry import _REGISTRY
 
+        parts = list(cfg.get("configs", [])) if arch == "union" else [cfg]
         for spec in _REGISTRY.values():
             if isinstance(spec.config_cls, type) and issubclass(spec.config_cls, HybridConfig):
-                found = spec.config_cls.from_adapterhub(list(cfg.get("configs", [])))
+                found = spec.config_cls.from_adapterhub(parts)
                 if found is not None:
                     return found
     if arch is not None:

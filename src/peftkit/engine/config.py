@@ -43,6 +43,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"  # AdapterHub's bottleneck family: SeqBn, DoubleSeqBn, ParBn, Compacter(++)
     MAM = "MAM"  # hybrids (AdapterHub): prefix + parallel adapter
     UNIPELT = "UNIPELT"  # hybrids (AdapterHub): gated prefix + bottleneck adapter + LoRA
+    ADAPTERHUB_PREFIX_TUNING = "ADAPTERHUB_PREFIX_TUNING"  # AdapterHub's prefix tuning (its folders)
 
     def __str__(self) -> str:  # json.dumps writes the value, str() too
         return self.value
