@@ -68,6 +68,19 @@ def test_trainable_count_matches_adapterhub_on_bert_base(config, expected):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
 
 
+@pytest.mark.parametrize("config, expected", [(peftkit.MAMConfig, 81_982_240), (peftkit.UniPELTConfig, 18_881_088),
+                                              (peftkit.AdapterHubPrefixTuningConfig, 9_515_520)])
+def test_trainable_count_matches_adapterhub_on_llama_2048x16(config, expected):
+    """The reference's Llama (grouped-query attention: 8 key/value heads of 64)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    with torch.device("meta"):
+        base = LlamaModel(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=32000))
+        model = peftkit.get_peft_model(base, config())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
 def test_mam_is_prefix_plus_parallel_adapter():
     """MAM's parallel adapter starts at zero (AdapterHub's mam_adapter init): at init, MAM = its prefix alone; with
     the prefix disabled by hand, MAM = its parallel adapter alone."""
