@@ -248,3 +248,29 @@ def test_two_named_hybrid_adapters_switch():
     assert torch.allclose(out("bert", model), first, atol=1e-6)
     model.delete_adapter("other")
     assert "other" not in model.base_model.prefix_tuning
+
+
+@pytest.mark.parametrize("arch, method", [("bert", "unipelt"), ("llama", "mam"), ("gpt2", "ah_prefix")])
+def test_adapterhub_export_reloads_exactly(arch, method, tmp_path):
+    """format='adapterhub' writes AdapterHub's union config and keys (each prefix tensor under the root pool and
+    every attention layer, as adapters does); adapters itself loads these (check_export.py); here: ours reloads."""
+    import json
+
+    base = MODELS[arch].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL[method]()).eval()
+    noise(model)
+    expected = out(arch, model)
+    model.save_pretrained(tmp_path, format="adapterhub")
+    cfg = json.load(open(tmp_path / "adapter_config.json"))["config"]
+    if method == "ah_prefix":
+        assert cfg["architecture"] == "prefix_tuning" and cfg["use_gating"] is True
+    else:
+        assert cfg["architecture"] == "union"
+        assert [c.get("architecture", "bottleneck") for c in cfg["configs"]][0] == "prefix_tuning"
+    keys = set(peftkit.engine.io.load_tensors(str(tmp_path / "adapter.safetensors")))
+    assert sum(".prefix_tuning.pool.prefix_tunings.default.self_prefix.wte.weight" in k for k in keys) == 2  # 2 layers
+    head = {"bert": "bert.", "llama": "model.", "gpt2": "transformer."}[arch]  # the head model's prefix, as adapters
+    assert all(k.startswith(head) for k in keys), sorted(keys)[:3]
+    loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
+    assert torch.equal(out(arch, loaded), expected)

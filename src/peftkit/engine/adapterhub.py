@@ -145,6 +145,9 @@ def key_map(peft_model: "PeftModel", adapter_name: str, ah_name: str, ln_before:
                 if ln_before and rest.startswith("adapter_down.0."):
                     out[where + "adapter_norm_before." + rest[len("adapter_down.0."):]] = ours
     if hasattr(engine, "adapterhub_key_map"):  # hybrids: their LoRA layers, prefix and gates
+        if not prefix:  # no bottleneck block to read the head model's prefix from (a prefix alone)
+            name = getattr(engine.model, "base_model_prefix", "")
+            prefix = f"{name}." if name and isinstance(getattr(engine.model, name, None), torch.nn.Module) else ""
         out.update(engine.adapterhub_key_map(adapter_name, ah_name, prefix))
         return out, prefix
     for key in engine.engine_adapter_tensors(adapter_name):  # Compacter's shared rule
@@ -229,9 +232,9 @@ def save_adapterhub(peft_model: "PeftModel", save_directory: Union[str, os.PathL
     base = engine.model
     for name in adapter_names:
         config = peft_model.peft_config[name]
-        if str(config.peft_type) != "BOTTLENECK":
-            raise ValueError(f"format='adapterhub' writes bottleneck adapters only; adapter {name!r} is "
-                             f"{config.peft_type}. Save it in peftkit's own format instead.")
+        if str(config.peft_type) != "BOTTLENECK" and not hasattr(config, "adapterhub_dict"):
+            raise ValueError(f"format='adapterhub' writes bottleneck adapters and the hybrids only; adapter {name!r} "
+                             f"is {config.peft_type}. Save it in peftkit's own format instead.")
         out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
         os.makedirs(out_dir, exist_ok=True)
         mapping, prefix = key_map(peft_model, name, name, ln_before=False)
@@ -240,7 +243,7 @@ def save_adapterhub(peft_model: "PeftModel", save_directory: Union[str, os.PathL
         ours = get_adapter_state_dict(engine, name)
         tensors = {prefix + ah_suffix: ours[our_key].detach().clone().contiguous()
                    for ah_suffix, our_key in mapping.items()}
-        if config.ln_before:  # AdapterHub stores the input LayerNorm twice (adapter_down.0 and adapter_norm_before)
+        if getattr(config, "ln_before", False):  # AdapterHub stores the input LayerNorm twice (adapter_down.0 and adapter_norm_before)
             for key in [k for k in tensors if ".adapter_down.0." in k]:
                 tensors[key.replace(".adapter_down.0.", ".adapter_norm_before.")] = tensors[key].clone()
         hidden = getattr(config, "_hidden", None) or getattr(getattr(base, "config", None), "hidden_size", None)

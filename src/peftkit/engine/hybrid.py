@@ -65,6 +65,24 @@ class HybridConfig(PeftConfig):
         union is not this hybrid. Raises, naming the field, when it is this hybrid with a setting peftkit lacks."""
         return None
 
+    def adapterhub_dict(self) -> dict[str, Any]:
+        """The ``config`` dict AdapterHub writes for this adapter (a ``union`` of its components' dicts)."""
+        parts = [adapterhub_prefix_dict(self.prefix_component())] if self.prefix_component() else []
+        for comp in self.layer_components():
+            parts.append(comp.adapterhub_dict() if hasattr(comp, "adapterhub_dict") else self.adapterhub_component(comp))
+        return parts[0] if len(parts) == 1 else {"architecture": "union", "configs": parts}
+
+    def adapterhub_component(self, comp: Any) -> dict[str, Any]:
+        raise ValueError(f"{type(self).__name__} cannot describe its {type(comp).__name__} component to AdapterHub.")
+
+
+def adapterhub_prefix_dict(spec: PrefixSpec) -> dict[str, Any]:
+    """AdapterHub's ``PrefixTuningConfig`` dict for the prefix ``spec``."""
+    return {"architecture": "prefix_tuning", "bottleneck_size": spec.bottleneck_size, "cross_prefix": True,
+            "dropout": spec.dropout, "encoder_prefix": True, "flat": False, "init_weights_seed": None, "leave_out": [],
+            "non_linearity": "tanh", "prefix_length": spec.prefix_length, "shared_gating": True,
+            "use_gating": spec.use_gating}
+
 
 def check_adapterhub_component(name: str, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
     """Every setting of an AdapterHub component dict that peftkit's component also has must be equal."""
@@ -376,13 +394,15 @@ class HybridModel(AdapterModel):
             out[where + "lora_A"], out[where + "lora_B"] = ours + "lora_A.weight", ours + "lora_B.weight"
             if adapter_name in layer.lora_gate:
                 out[where + "gate.weight"], out[where + "gate.bias"] = ours + "lora_gate.weight", ours + "lora_gate.bias"
+        paths = {id(m): n for n, m in self.model.named_modules()}
         if adapter_name in self.prefix_tuning:
+            # AdapterHub's pool at the root, and the same tensors again under every self-attention layer
+            where = [""] + [f"{ah_path(paths[id(a)])}.prefix_tuning.pool." for a in self_attention_modules(self.model)]
             for rest in self.prefix_tuning[adapter_name].state_dict():
-                if not rest.startswith("dropout"):
-                    # matches both the pool at the root and its copies under every attention layer
-                    out[f"prefix_tunings.{ah_name}.self_prefix.{rest}"] = f"base_model.prefix_tuning.{rest}"
+                for w in where:
+                    out[f"{w}prefix_tuning.prefix_tunings.{ah_name}.self_prefix.{rest}".replace(
+                        "prefix_tuning.pool.prefix_tuning.", "prefix_tuning.pool.")] = f"base_model.prefix_tuning.{rest}"
         if adapter_name in self.prefix_gates:
-            paths = {id(m): n for n, m in self.model.named_modules()}
             for i, attn in enumerate(self_attention_modules(self.model)):
                 for rest in ("weight", "bias"):
                     out[f"{ah_path(paths[id(attn)])}.prefix_tuning.prefix_gates.{ah_name}.{rest}"] = \

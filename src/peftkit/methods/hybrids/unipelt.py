@@ -61,6 +61,21 @@ class UniPELTConfig(HybridConfig):
     def prefix_component(self) -> PrefixSpec:
         return PrefixSpec(self.prefix_length, self.bottleneck_size, use_gating=self.use_gating)
 
+    def adapterhub_dict(self) -> dict:
+        # AdapterHub's order: prefix, bottleneck adapter, LoRA
+        out = super().adapterhub_dict()
+        out["configs"] = [out["configs"][0], out["configs"][2], out["configs"][1]]
+        return out
+
+    def adapterhub_component(self, comp) -> dict:
+        if self.lora_target_modules:
+            raise ValueError("UniPELTConfig with lora_target_modules cannot be written in AdapterHub's format "
+                             "(AdapterHub's LoRA targets are attn_matrices ['q', 'v']).")
+        return {"alpha": self.alpha, "architecture": "lora", "attn_matrices": ["q", "v"], "composition_mode": "add",
+                "dropout": 0.0, "dtype": None, "init_weights": "lora", "init_weights_seed": None,
+                "intermediate_lora": False, "leave_out": [], "output_lora": False, "r": self.r, "selfattn_lora": True,
+                "use_dora": False, "use_gating": self.use_gating, "vera_b": None, "vera_d": None}
+
     @classmethod
     def from_adapterhub(cls, configs: list) -> "UniPELTConfig | None":
         kinds = [c.get("architecture", "bottleneck") for c in configs]
