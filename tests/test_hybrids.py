@@ -274,3 +274,19 @@ def test_adapterhub_export_reloads_exactly(arch, method, tmp_path):
     loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
     assert torch.equal(out(arch, loaded), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_generate_with_left_padding_equals_each_row_alone(arch, method):
+    model = peftkit.get_peft_model(MODELS[arch].build(), SMALL[method]()).eval()
+    noise(model)
+    ids = MODELS[arch].inputs(2)["input_ids"][:, :6]
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[1, :2], mask[1, :2] = 0, 0
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # (no early stop at EOS)
+    with torch.no_grad():
+        both = model.generate(input_ids=padded, attention_mask=mask, **kw)
+        row0 = model.generate(input_ids=ids[:1], attention_mask=torch.ones(1, 6, dtype=torch.long), **kw)
+        row1 = model.generate(input_ids=ids[1:, 2:], attention_mask=torch.ones(1, 4, dtype=torch.long), **kw)
+    assert torch.equal(both[0], row0[0]) and torch.equal(both[1, 2:], row1[0])

@@ -304,6 +304,7 @@ class HybridModel(AdapterModel):
         dtype = model_param.dtype if model_param.is_floating_point() else emb.dtype
         n = prefix.wte.num_embeddings
         given = kwargs.get("position_ids")
+        mask = kwargs.get("attention_mask")
         past = cached_length(_cache_of(kwargs))
         add_prefix_to_call(module, kwargs, n, lambda batch, _encdec: prefix.keys_values(batch, dtype),
                            cache_name=self._cache_name)
@@ -315,9 +316,13 @@ class HybridModel(AdapterModel):
             length = _input_length(kwargs, decoder=False)
             if length is not None:
                 start = max(past - n, 0)
-                ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-                kwargs["position_ids"] = torch.arange(start, start + length, device=ref.device).unsqueeze(0).expand(
-                    ref.shape[0], -1)
+                if mask is not None and mask.dim() == 2 and mask.shape[1] == start + length:
+                    # left padding: count only the real tokens (what generate() does for models that take positions)
+                    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+                else:
+                    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+                    kwargs["position_ids"] = torch.arange(start, start + length, device=ref.device).unsqueeze(0).expand(
+                        ref.shape[0], -1)
         return (), kwargs
 
     def _gate_hook(self, layer: int):
