@@ -58,8 +58,11 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
     "double_seq_bn": ("DOUBLE_SEQ_BN", dict(), {}),
     "par_bn": ("PAR_BN", dict(), {}),
     "compacter": ("COMPACTER", dict(), {}),
+    # hybrids (AdapterHub's MAMConfig() and UniPELTConfig() defaults)
+    "mam": ("MAM", dict(), {}),
+    "unipelt": ("UNIPELT", dict(), {}),
 }
-NO_PEFT_REFERENCE = {"SEQ_BN", "DOUBLE_SEQ_BN", "PAR_BN", "COMPACTER", "COMPACTER++"}
+NO_PEFT_REFERENCE = {"SEQ_BN", "DOUBLE_SEQ_BN", "PAR_BN", "COMPACTER", "COMPACTER++", "MAM", "UNIPELT"}
 
 
 # ------------------------------------------------------------------------------------------------ setup

@@ -81,16 +81,20 @@ def test_load_adapter_adds_an_adapterhub_adapter_next_to_ours():
 
 def test_unsupported_adapterhub_config_is_refused_by_name(tmp_path):
     meta = json.load(open(os.path.join(HERE, "bert-seq_bn", "adapter_config.json")))
-    meta["config"] = {"architecture": "prefix_tuning", "prefix_length": 30}
+    meta["config"] = {"architecture": "lora", "r": 8}
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     base = base_model("bert")
     before = {n: p.clone() for n, p in base.named_parameters()}
-    with pytest.raises(ValueError, match="prefix_tuning"):
+    with pytest.raises(ValueError, match="lora"):
+        peftkit.PeftModel.from_pretrained(base, tmp_path)
+    meta["config"] = {"architecture": "prefix_tuning", "prefix_length": 30, "flat": True}  # (the hybrids' prefix)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="flat=True"):
         peftkit.PeftModel.from_pretrained(base, tmp_path)
     meta["config"] = dict(json.load(open(os.path.join(HERE, "bert-seq_bn", "adapter_config.json")))["config"],
-                          use_gating=True)
+                          stochastic_depth=0.1)
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="use_gating"):
+    with pytest.raises(ValueError, match="stochastic_depth"):
         peftkit.PeftModel.from_pretrained(base, tmp_path)
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
 

@@ -25,6 +25,10 @@ from peftkit.methods.prompts.prefix_tuning import PrefixEncoder, PrefixTuningCon
 from peftkit.methods.prompts.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from peftkit.methods.prompts.llama_adapter import AdaptionPromptConfig, AdaptionPromptModel
 from peftkit.engine.prompting import PromptLearningConfig, PromptLearningModel
+from peftkit.methods.hybrids.mam import MAMConfig
+from peftkit.methods.hybrids.unipelt import UniPELTConfig
+from peftkit.methods.hybrids.ah_prefix import AdapterHubPrefixTuningConfig
+from peftkit.engine.hybrid import HybridConfig, HybridModel
 from peftkit.engine.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -89,6 +93,11 @@ __all__ = [
     "PeftkitCallback",
     "PeftType",
     "PrefixEncoder",
+    "MAMConfig",
+    "UniPELTConfig",
+    "AdapterHubPrefixTuningConfig",
+    "HybridConfig",
+    "HybridModel",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",

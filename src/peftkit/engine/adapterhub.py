@@ -7,7 +7,8 @@ An AdapterHub folder holds ``adapter_config.json`` (``config``, ``model_class``,
 (Llama), possibly behind a head model's prefix (``bert.``); Compacter's shared rule is
 ``[<prefix>.]shared_parameters.<name>.phm_rule``.
 
-Only bottleneck configs (AdapterHub's BnConfig family) are supported here; other architectures are refused by name.
+Bottleneck configs (AdapterHub's BnConfig family) and the hybrids MAM and UniPELT (``union`` configs, recognised by
+the hybrid configs' ``from_adapterhub``) are supported here; other architectures are refused by name.
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ def config_from_adapterhub(cfg: dict[str, Any]):
     from peftkit.engine.registry import get_method
 
     arch = cfg.get("architecture")
+    if arch in ("union", "prefix_tuning"):  # hybrids (MAM, UniPELT, a prefix alone): the config that recognises it
+        from peftkit.engine.hybrid import HybridConfig
+        from peftkit.engine.registry import _REGISTRY
+
+        parts = list(cfg.get("configs", [])) if arch == "union" else [cfg]
+        for spec in _REGISTRY.values():
+            if isinstance(spec.config_cls, type) and issubclass(spec.config_cls, HybridConfig):
+                found = spec.config_cls.from_adapterhub(parts)
+                if found is not None:
+                    return found
     if arch is not None:
         what = arch if arch != "union" else "union of " + ", ".join(
             str(c.get("architecture", "bottleneck")) for c in cfg.get("configs", []))
@@ -133,6 +144,12 @@ def key_map(peft_model: "PeftModel", adapter_name: str, ah_name: str, ln_before:
                 out[where + rest] = ours
                 if ln_before and rest.startswith("adapter_down.0."):
                     out[where + "adapter_norm_before." + rest[len("adapter_down.0."):]] = ours
+    if hasattr(engine, "adapterhub_key_map"):  # hybrids: their LoRA layers, prefix and gates
+        if not prefix:  # no bottleneck block to read the head model's prefix from (a prefix alone)
+            name = getattr(engine.model, "base_model_prefix", "")
+            prefix = f"{name}." if name and isinstance(getattr(engine.model, name, None), torch.nn.Module) else ""
+        out.update(engine.adapterhub_key_map(adapter_name, ah_name, prefix))
+        return out, prefix
     for key in engine.engine_adapter_tensors(adapter_name):  # Compacter's shared rule
         out[f"shared_parameters.{ah_name}.{key.rsplit('.', 1)[-1]}"] = key
     return out, prefix
@@ -188,7 +205,8 @@ def load_adapterhub(peft_model_cls: Any, model: torch.nn.Module, folder: Union[s
         peft_model = into
         into.add_adapter(adapter_name, config, _loading=True)
     try:
-        mapping, _ = key_map(peft_model, adapter_name, str(meta.get("name", "")), ln_before=config.ln_before)
+        mapping, _ = key_map(peft_model, adapter_name, str(meta.get("name", "")),
+                             ln_before=getattr(config, "ln_before", False))
         converted = convert_state_dict(weights, mapping, folder)
         set_adapter_state_dict(peft_model.base_model, converted, adapter_name)
     except Exception:
@@ -214,9 +232,9 @@ def save_adapterhub(peft_model: "PeftModel", save_directory: Union[str, os.PathL
     base = engine.model
     for name in adapter_names:
         config = peft_model.peft_config[name]
-        if str(config.peft_type) != "BOTTLENECK":
-            raise ValueError(f"format='adapterhub' writes bottleneck adapters only; adapter {name!r} is "
-                             f"{config.peft_type}. Save it in peftkit's own format instead.")
+        if str(config.peft_type) != "BOTTLENECK" and not hasattr(config, "adapterhub_dict"):
+            raise ValueError(f"format='adapterhub' writes bottleneck adapters and the hybrids only; adapter {name!r} "
+                             f"is {config.peft_type}. Save it in peftkit's own format instead.")
         out_dir = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
         os.makedirs(out_dir, exist_ok=True)
         mapping, prefix = key_map(peft_model, name, name, ln_before=False)
@@ -225,7 +243,7 @@ def save_adapterhub(peft_model: "PeftModel", save_directory: Union[str, os.PathL
         ours = get_adapter_state_dict(engine, name)
         tensors = {prefix + ah_suffix: ours[our_key].detach().clone().contiguous()
                    for ah_suffix, our_key in mapping.items()}
-        if config.ln_before:  # AdapterHub stores the input LayerNorm twice (adapter_down.0 and adapter_norm_before)
+        if getattr(config, "ln_before", False):  # AdapterHub stores the input LayerNorm twice (adapter_down.0 and adapter_norm_before)
             for key in [k for k in tensors if ".adapter_down.0." in k]:
                 tensors[key.replace(".adapter_down.0.", ".adapter_norm_before.")] = tensors[key].clone()
         hidden = getattr(config, "_hidden", None) or getattr(getattr(base, "config", None), "hidden_size", None)

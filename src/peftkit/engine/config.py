@@ -45,6 +45,9 @@ class PeftType(str, enum.Enum):
     P_TUNING = "P_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
     BOTTLENECK = "BOTTLENECK"  # AdapterHub's bottleneck family: SeqBn, DoubleSeqBn, ParBn, Compacter(++)
+    MAM = "MAM"  # hybrids (AdapterHub): prefix + parallel adapter
+    UNIPELT = "UNIPELT"  # hybrids (AdapterHub): gated prefix + bottleneck adapter + LoRA
+    ADAPTERHUB_PREFIX_TUNING = "ADAPTERHUB_PREFIX_TUNING"  # AdapterHub's prefix tuning (its folders)
 
     def __str__(self) -> str:  # json.dumps writes the value, str() too
         return self.value

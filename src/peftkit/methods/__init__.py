@@ -18,3 +18,6 @@ from peftkit.methods.prompts import prompt_tuning  # noqa: F401
 from peftkit.methods.prompts import prefix_tuning  # noqa: F401
 from peftkit.methods.prompts import p_tuning  # noqa: F401
 from peftkit.methods.prompts import llama_adapter  # noqa: F401
+from peftkit.methods.hybrids import mam  # noqa: F401
+from peftkit.methods.hybrids import unipelt  # noqa: F401
+from peftkit.methods.hybrids import ah_prefix  # noqa: F401

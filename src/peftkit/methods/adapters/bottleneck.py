@@ -38,7 +38,7 @@ SLOTS = {MH_ADAPTER: "adapters_mh", CROSS_ADAPTER: "adapters_cross", OUTPUT_ADAP
 INIT_WEIGHTS = ("bert", "mam_adapter", "houlsby")
 _REQUIRED = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity")
 # Fields AdapterHub can save that peftkit does not support yet, with the value that means "unused".
-_UNSUPPORTED = {"use_gating": False, "inv_adapter": None, "stochastic_depth": 0.0, "shared_W_phm": False,
+_UNSUPPORTED = {"inv_adapter": None, "stochastic_depth": 0.0, "shared_W_phm": False,
                 "original_ln_after": True}
 
 
@@ -63,7 +63,7 @@ class BnConfig(TargetedConfig):
     init_weights_seed: Optional[int] = field(default=None, metadata={"help": "Re-seed before each adapter module's init."})
     is_parallel: bool = field(default=False, metadata={"help": "Parallel adapter: reads the sub-layer input."})
     scaling: Union[float, str] = field(default=1.0, metadata={"help": "A number, 'learned' (one scalar) or 'channel' (one per feature)."})
-    use_gating: bool = field(default=False, metadata={"help": "UniPELT gate (not supported yet)."})
+    use_gating: bool = field(default=False, metadata={"help": "UniPELT gate: A(z) * mean_seq(sigmoid(gate(z)))."})
     residual_before_ln: Union[bool, str] = field(default=True, metadata={"help": "Adapter residual: True (h), 'post_add' (h + x) or False (adapter input)."})
     adapter_residual_before_ln: bool = field(default=False, metadata={"help": "Add the adapter residual before ln_after."})
     inv_adapter: Optional[str] = field(default=None, metadata={"help": "Invertible adapter (not supported yet)."})
@@ -237,6 +237,8 @@ class Bottleneck(nn.Module):
             self.adapter_norm_after = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(config.dropout)
         self._plain = config.dropout == 0 and not isinstance(config.scaling, str) and float(config.scaling) == 1.0
+        if config.use_gating:  # UniPELT (AdapterHub): a per-example scalar gate on the adapter's input
+            self.gate = nn.Linear(hidden, 1)
         self._init(config)
 
     @torch.no_grad()
@@ -258,6 +260,9 @@ class Bottleneck(nn.Module):
             for m in linears:
                 nn.init.trunc_normal_(m.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
                 m.bias.zero_()
+        if "gate" in self._modules:  # AdapterHub inits the gate N(0, 0.02), bias 0, whatever init_weights says
+            self.gate.weight.normal_(0.0, 0.02)
+            self.gate.bias.zero_()
 
     def scale(self, up: torch.Tensor) -> torch.Tensor:
         s = self.scaling if "scaling" in self._parameters else self.scaling_value
@@ -266,9 +271,12 @@ class Bottleneck(nn.Module):
     def adapter(self, z: torch.Tensor) -> torch.Tensor:
         """A(z) without residual: dropout(up(act(down(z))) * scaling)."""
         up = self.adapter_up(self.adapter_down(z))
-        if self._plain:  # scaling 1 and no dropout: skip two no-op kernels
-            return up
-        return self.dropout(self.scale(up))
+        if not self._plain:  # scaling 1 and no dropout: skip two no-op kernels
+            up = self.dropout(self.scale(up))
+        gate = self._modules.get("gate")
+        if gate is not None:
+            up = up * torch.sigmoid(gate(z)).mean(dim=1, keepdim=True)
+        return up
 
     def forward(self, h: torch.Tensor, x: Optional[torch.Tensor], layer_norm: Optional[nn.Module]) -> torch.Tensor:
         """``h'`` for sub-layer output ``h``, residual input ``x`` and the sub-layer's LayerNorm (or None)."""

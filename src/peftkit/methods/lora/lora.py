@@ -106,7 +106,7 @@ def _norm_dims(weight: torch.Tensor) -> tuple[int, ...]:
 class LoraLayer(AdapterLayer):
     """Shared state of every LoRA layer type."""
 
-    adapter_slots = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_slots = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_gate")
     aux_slots = ("lora_dropout",)
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -117,6 +117,7 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_gate = nn.ModuleDict()  # AdapterHub's use_gating (UniPELT): only adapters whose config asks for it
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -206,6 +207,10 @@ class Linear(LoraLayer):
                 b.weight.copy_(new_b)
         else:
             lora_ops.init_factors(a.weight, b.weight, init, r)
+        if getattr(config, "use_gating", False):  # Linear(in, 1), weight N(0, 0.02), PyTorch's default bias
+            gate = nn.Linear(self.in_features, 1, device=base_w.device, dtype=dtype)
+            nn.init.normal_(gate.weight, std=0.02)
+            self.lora_gate[adapter_name] = gate
         if config.use_dora:
             weight = self._oriented_base_weight()
             norm = lora_ops.dora_weight_norm(weight, a.weight, b.weight, self.scaling[adapter_name])
@@ -259,6 +264,9 @@ class Linear(LoraLayer):
         b = self.lora_B[adapter_name].weight
         dropout = self.lora_dropout[adapter_name]
         scaling = self.scaling[adapter_name]
+        gate = self.lora_gate[adapter_name] if adapter_name in self.lora_gate else None
+        if gate is not None:  # the gate replaces lora_alpha / r: mean over the sequence of sigmoid(gate(x))
+            scaling = torch.sigmoid(gate(x.to(gate.weight.dtype))).mean(dim=1, keepdim=True).to(x.dtype)
         if not self.use_dora[adapter_name]:
             return lora_ops.lora_linear_add(result, dropout(x), a, b, scaling)
         x_d = dropout(x)
@@ -289,6 +297,8 @@ class Linear(LoraLayer):
         if reason is not None:
             return reason
         use_dora = self.use_dora
+        if modules["lora_gate"] and any(n in modules["lora_gate"] for n in names):
+            return "gated adapter (use_gating)"
         for n in names:
             if not use_dora[n]:
                 continue

@@ -1,0 +1,1 @@
+"""Hybrid methods: one adapter composed of several component methods (MAM adapters, UniPELT)."""

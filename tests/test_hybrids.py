@@ -1,0 +1,292 @@
+"""MAM adapters and UniPELT (peftkit.methods.hybrids over peftkit.engine.hybrid) on tiny BERT, Llama (grouped-query
+attention) and GPT-2: the contract suite, AdapterHub's trainable counts on BERT-base, the gate formulas."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from contract import Case, contract_tests
+from models import MODELS
+
+import peftkit
+from peftkit.engine.save_load import get_adapter_state_dict, set_adapter_state_dict
+
+SMALL = {"mam": lambda: peftkit.MAMConfig(prefix_length=4, bottleneck_size=16),
+         "unipelt": lambda: peftkit.UniPELTConfig(prefix_length=3, bottleneck_size=16, reduction_factor=4, r=2),
+         "ah_prefix": lambda: peftkit.AdapterHubPrefixTuningConfig(prefix_length=4, bottleneck_size=16, use_gating=True)}
+
+
+def noise(model, scale=0.1, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+# (AdapterHub's prefix alone on the tiny random BERT classifier moves its logits by ~1e-4: too little for the loss
+# test; its BERT folders are tested by the AdapterHub import tests)
+CASES = [Case(f"{m}-{arch}", arch, SMALL[m], identity_init=False, mergeable=False, perturb=noise, train_lr=3e-2)
+         for m in SMALL for arch in ("bert", "llama", "gpt2") if not (m == "ah_prefix" and arch == "bert")]
+_tests = contract_tests(CASES)
+del _tests["test_only_adapter_parameters_train"]  # one method prefix per name: replaced by the test below
+globals().update(_tests)
+
+
+def out(arch, model, batch=3, **kw):
+    with torch.no_grad():
+        return MODELS[arch].output(model(**MODELS[arch].inputs(batch), **kw))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_only_the_components_train(case):
+    model = peftkit.get_peft_model(MODELS[case.model].build(), case.config())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    allowed = ("adapters_output.default.", "lora_A.default.", "lora_B.default.", "lora_gate.default.",
+               "base_model.prefix_tuning.default.", "base_model.prefix_gates.default.")
+    assert trainable and all(any(a in n for a in allowed) for n in trainable), sorted(trainable)
+    kinds = {a for a in allowed for n in trainable if a in n}
+    if isinstance(case.config(), peftkit.MAMConfig):
+        assert kinds == {"adapters_output.default.", "base_model.prefix_tuning.default."}
+    elif isinstance(case.config(), peftkit.AdapterHubPrefixTuningConfig):
+        assert kinds == {"base_model.prefix_tuning.default.", "base_model.prefix_gates.default."}
+    else:
+        assert kinds == set(allowed)  # every component and every gate trains
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize("config, expected", [(peftkit.MAMConfig, 22_493_984), (peftkit.UniPELTConfig, 11_083_376),
+                                              (peftkit.AdapterHubPrefixTuningConfig, 9_872_384)])
+def test_trainable_count_matches_adapterhub_on_bert_base(config, expected):
+    from transformers import BertConfig, BertModel
+
+    with torch.device("meta"):
+        model = peftkit.get_peft_model(BertModel(BertConfig()), config())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+@pytest.mark.parametrize("config, expected", [(peftkit.MAMConfig, 81_982_240), (peftkit.UniPELTConfig, 18_881_088),
+                                              (peftkit.AdapterHubPrefixTuningConfig, 9_515_520)])
+def test_trainable_count_matches_adapterhub_on_llama_2048x16(config, expected):
+    """The reference's Llama (grouped-query attention: 8 key/value heads of 64)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    with torch.device("meta"):
+        base = LlamaModel(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=32000))
+        model = peftkit.get_peft_model(base, config())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_mam_is_prefix_plus_parallel_adapter():
+    """MAM's parallel adapter starts at zero (AdapterHub's mam_adapter init): at init, MAM = its prefix alone; with
+    the prefix disabled by hand, MAM = its parallel adapter alone."""
+    base = MODELS["llama"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL["mam"]()).eval()
+    assert (out("llama", model) - out("llama", base)).abs().max() > 1e-3  # the prefix acts
+    noise(model)
+    hybrid = model.base_model
+    full = out("llama", model)
+    hybrid.prefixes_disabled = True
+    no_prefix = out("llama", model)
+    hybrid.prefixes_disabled = False
+    par = peftkit.get_peft_model(copy.deepcopy(base), peftkit.ParBnConfig()).eval()
+    sd = {k: v for k, v in get_adapter_state_dict(model.base_model, 'default').items() if "adapters_" in k}
+    set_adapter_state_dict(par.base_model, sd, 'default')
+    assert torch.allclose(no_prefix, out("llama", par), atol=1e-6)
+    assert (full - no_prefix).abs().max() > 1e-3
+
+
+def test_bottleneck_gate_formula():
+    from peftkit.methods.adapters.bottleneck import Bottleneck
+
+    torch.manual_seed(0)
+    cfg = peftkit.SeqBnConfig(reduction_factor=4, use_gating=True)
+    module = Bottleneck(16, 4, cfg)
+    assert module.gate.bias.abs().max() == 0 and 0.005 < module.gate.weight.std() < 0.04
+    z = torch.randn(2, 5, 16)
+    plain = module.adapter_up(module.adapter_down(z))
+    g = torch.sigmoid(z @ module.gate.weight.t() + module.gate.bias).mean(dim=1, keepdim=True)  # (2, 1, 1)
+    assert torch.allclose(module.adapter(z), plain * g, atol=1e-6)
+
+
+def test_lora_gate_replaces_alpha_over_r():
+    base = MODELS["llama"].build()
+    a = peftkit.get_peft_model(copy.deepcopy(base), peftkit.UniPELTConfig(prefix_length=2, bottleneck_size=8, r=2, alpha=2)).eval()
+    noise(a)
+    b = peftkit.get_peft_model(copy.deepcopy(base), peftkit.UniPELTConfig(prefix_length=2, bottleneck_size=8, r=2, alpha=64)).eval()
+    set_adapter_state_dict(b.base_model, get_adapter_state_dict(a.base_model, 'default'), 'default')
+    assert torch.equal(out("llama", a), out("llama", b))  # alpha has no effect behind the gate (AdapterHub)
+    layer = a.base_model.model.model.layers[0].base_layer.self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features)
+    g = torch.sigmoid(layer.lora_gate["default"](x)).mean(dim=1, keepdim=True)
+    expected = layer.base_layer(x) + (x @ layer.lora_A["default"].weight.t() @ layer.lora_B["default"].weight.t()) * g
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_prefix_gate_scales_prefix_keys_and_values():
+    """Gate weights and bias zero: g = sigmoid(0) = 0.5 in every layer, i.e. the ungated model with the prefix
+    MLP's output halved."""
+    base = MODELS["llama"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL["unipelt"]()).eval()
+    noise(model)
+    with torch.no_grad():
+        for gate in model.base_model.prefix_gates["default"]:
+            gate.weight.zero_()
+            gate.bias.zero_()
+    gated = out("llama", model)
+    ungated = peftkit.get_peft_model(copy.deepcopy(base), peftkit.UniPELTConfig(
+        prefix_length=3, bottleneck_size=16, reduction_factor=4, r=2)).eval()
+    sd = {k: v for k, v in get_adapter_state_dict(model.base_model, 'default').items()}
+    set_adapter_state_dict(ungated.base_model, sd, 'default')
+    with torch.no_grad():
+        last = ungated.base_model.prefix_tuning["default"].control_trans[2]
+        last.weight.mul_(0.5)
+        last.bias.mul_(0.5)
+        for gate in ungated.base_model.prefix_gates["default"]:  # keep the gate but make it 1 (bias -> +inf)
+            gate.bias.fill_(1e4)
+    assert torch.allclose(gated, out("llama", ungated), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_unload_gives_the_base_model_back(method):
+    base = MODELS["bert"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL[method]()).eval()
+    noise(model)
+    plain = model.unload()
+    assert not any(isinstance(m, peftkit.engine.layer.AdapterLayer) for m in plain.modules())
+    assert torch.equal(out("bert", plain), out("bert", base))
+    with pytest.raises(ValueError, match="cannot be merged"):
+        peftkit.get_peft_model(copy.deepcopy(base), SMALL[method]()).merge_and_unload()
+
+
+def test_unipelt_is_not_identity_at_init_as_in_adapterhub():
+    base = MODELS["bert"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), peftkit.UniPELTConfig()).eval()
+    assert (out("bert", model) - out("bert", base)).abs().max() > 1e-4
+
+
+def test_bad_config_is_refused_by_field():
+    with pytest.raises(ValueError, match="prefix_length"):
+        peftkit.MAMConfig(prefix_length=0)
+    with pytest.raises(ValueError, match="scaling"):
+        peftkit.MAMConfig(scaling="sometimes")
+    with pytest.raises(ValueError, match="r must"):
+        peftkit.UniPELTConfig(r=0)
+
+
+def test_encoder_decoder_is_refused_and_leaves_the_model_unchanged():
+    base = MODELS["t5"].build()
+    names = [n for n, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        peftkit.get_peft_model(base, SMALL["mam"]())
+    assert [n for n, _ in base.named_modules()] == names
+    assert all(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_generate_equals_manual_greedy_decoding(arch, method):
+    model = peftkit.get_peft_model(MODELS[arch].build(), SMALL[method]()).eval()
+    noise(model)
+    ids = MODELS[arch].inputs(2)["input_ids"][:, :5]
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                  do_sample=False, use_cache=False)
+        seq = ids
+        for _ in range(4):
+            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(cached, seq) and torch.equal(uncached, seq)
+
+
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    grads = []
+    for gc in (False, True):
+        model = peftkit.get_peft_model(MODELS["llama"].build(), SMALL[method]())
+        noise(model)
+        if gc:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        kw = MODELS["llama"].inputs(2)
+        MODELS["llama"].loss(model, kw).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_disable_gives_the_base_output(arch, method):
+    base = MODELS[arch].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL[method]()).eval()
+    noise(model)
+    adapted = out(arch, model)
+    assert (adapted - out(arch, base)).abs().max() > 1e-3
+    with model.disable_adapter():
+        assert torch.allclose(out(arch, model), out(arch, base), atol=1e-6)
+    assert torch.equal(out(arch, model), adapted)
+
+
+def test_two_named_hybrid_adapters_switch():
+    base = MODELS["bert"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL["mam"]()).eval()
+    noise(model, seed=1)
+    first = out("bert", model)
+    model.add_adapter("other", SMALL["mam"]())
+    model.set_adapter("other")
+    noise(model, seed=2)
+    second = out("bert", model)
+    assert (first - second).abs().max() > 1e-3
+    model.set_adapter("default")
+    assert torch.allclose(out("bert", model), first, atol=1e-6)
+    model.delete_adapter("other")
+    assert "other" not in model.base_model.prefix_tuning
+
+
+@pytest.mark.parametrize("arch, method", [("bert", "unipelt"), ("llama", "mam"), ("gpt2", "ah_prefix")])
+def test_adapterhub_export_reloads_exactly(arch, method, tmp_path):
+    """format='adapterhub' writes AdapterHub's union config and keys (each prefix tensor under the root pool and
+    every attention layer, as adapters does); adapters itself loads these (check_export.py); here: ours reloads."""
+    import json
+
+    base = MODELS[arch].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL[method]()).eval()
+    noise(model)
+    expected = out(arch, model)
+    model.save_pretrained(tmp_path, format="adapterhub")
+    cfg = json.load(open(tmp_path / "adapter_config.json"))["config"]
+    if method == "ah_prefix":
+        assert cfg["architecture"] == "prefix_tuning" and cfg["use_gating"] is True
+    else:
+        assert cfg["architecture"] == "union"
+        assert [c.get("architecture", "bottleneck") for c in cfg["configs"]][0] == "prefix_tuning"
+    keys = set(peftkit.engine.io.load_tensors(str(tmp_path / "adapter.safetensors")))
+    assert sum(".prefix_tuning.pool.prefix_tunings.default.self_prefix.wte.weight" in k for k in keys) == 2  # 2 layers
+    head = {"bert": "bert.", "llama": "model.", "gpt2": "transformer."}[arch]  # the head model's prefix, as adapters
+    assert all(k.startswith(head) for k in keys), sorted(keys)[:3]
+    loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
+    assert torch.equal(out(arch, loaded), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_generate_with_left_padding_equals_each_row_alone(arch, method):
+    model = peftkit.get_peft_model(MODELS[arch].build(), SMALL[method]()).eval()
+    noise(model)
+    ids = MODELS[arch].inputs(2)["input_ids"][:, :6]
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[1, :2], mask[1, :2] = 0, 0
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # (no early stop at EOS)
+    with torch.no_grad():
+        both = model.generate(input_ids=padded, attention_mask=mask, **kw)
+        row0 = model.generate(input_ids=ids[:1], attention_mask=torch.ones(1, 6, dtype=torch.long), **kw)
+        row1 = model.generate(input_ids=ids[1:, 2:], attention_mask=torch.ones(1, 4, dtype=torch.long), **kw)
+    assert torch.equal(both[0], row0[0]) and torch.equal(both[1, 2:], row1[0])
