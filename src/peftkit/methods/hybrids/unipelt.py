@@ -17,6 +17,7 @@ start is not AdapterHub's default and is not offered here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from peftkit.engine.config import PeftType
 from peftkit.engine.hybrid import HybridConfig, HybridModel, PrefixSpec, check_adapterhub_component
@@ -41,7 +42,7 @@ class UniPELTConfig(HybridConfig):
     reduction_factor: float = field(default=16, metadata={"help": "hidden / bottleneck adapter width."})
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     alpha: int = field(default=2, metadata={"help": "LoRA alpha (no effect: the gate replaces alpha / r, as in AdapterHub)."})
-    lora_target_modules: list[str] = field(default=None, metadata={"help": "LoRA targets (default: the attention query and value)."})
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "LoRA targets (default: the attention query and value)."})
     use_gating: bool = field(default=True, metadata={"help": "Gates on all three components (AdapterHub's UniPELT)."})
 
     def __post_init__(self) -> None:
