@@ -34,6 +34,8 @@ CONFIGS = {
     "miss": lambda t: peftkit.MissConfig(r=4, target_modules=t, init_weights=False),
     "adalora": lambda t: peftkit.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=t,
                                                init_lora_weights=False),
+    "ia3": lambda t: peftkit.IA3Config(target_modules=t, feedforward_modules=t[-1:]),
+    "bitfit": lambda t: peftkit.BitFitConfig(target_modules=t),
 }
 
 
@@ -114,6 +116,6 @@ def test_compiles_convolutions(method, no_recompiles):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(set(CONFIGS) - {"lora", "dora", "boft", "hra", "miss"}))
+@pytest.mark.parametrize("method", sorted(set(CONFIGS) - {"lora", "dora", "boft", "hra", "miss", "bitfit"}))  # Llama has no biases
 def test_compiles_a_transformers_model_every_method(method, no_recompiles):
     _check("llama", method, LLAMA, "aot_eager")
