@@ -41,6 +41,10 @@ def case_config(name: str):
         "hra": lambda: peftkit.HRAConfig(r=4, target_modules=tm),
         "miss": lambda: peftkit.MissConfig(r=4, target_modules=tm),
         "boft": lambda: peftkit.BOFTConfig(boft_block_size=4, target_modules=tm),
+        # the other two kinds of method: a sub-layer adapter (Pfeiffer) and a model-level prompt
+        "seq_bn": lambda: peftkit.SeqBnConfig(reduction_factor=4),
+        "prompt": lambda: peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "ia3": lambda: peftkit.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         # modules_to_save: a trained full copy of the head, sharded with the root
         "lora_mts": lambda: peftkit.LoraConfig(r=4, target_modules=tm, modules_to_save=["lm_head"]),
     }

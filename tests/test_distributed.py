@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dist_worker  # noqa: E402
 
-CASES = ["lora", "dora", "loha", "lokr", "oft", "hra", "miss", "boft", "lora_mts"]
+CASES = ["lora", "dora", "loha", "lokr", "oft", "hra", "miss", "boft", "lora_mts", "seq_bn", "prompt", "ia3"]
 try:
     import accelerate  # noqa: F401
 

@@ -66,7 +66,7 @@ def get_adapter_state_dict(model: "AdapterModel", adapter_name: str) -> dict[str
     tensors = model.adapter_tensors_to_save(adapter_name, tensors)
     prefix = getattr(type(model), "checkpoint_prefix", CHECKPOINT_PREFIX)
     out = {prefix + k: v for k, v in tensors.items()}
-    out.update({k: v.detach() for k, v in model.engine_adapter_tensors(adapter_name).items()})
+    out.update({k: full_tensor(v) for k, v in model.engine_adapter_tensors(adapter_name).items()})
     return out
 
 
