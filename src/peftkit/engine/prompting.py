@@ -507,15 +507,7 @@ class PromptLearningModel(AdapterModel):
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config)}.")
         del self.prompt_encoder[adapter_name]
-        for _, wrapper in self.modules_to_save_wrappers():
-            wrapper.delete_adapter(adapter_name)
-        del self.peft_config[adapter_name]
-        remaining = [n for n in self.active_adapters if n != adapter_name]
-        if not remaining and self.peft_config:
-            remaining = [next(iter(self.peft_config))]
-        self.active_adapters = remaining
-        if remaining:
-            self.set_adapter(remaining)
+        self._forget_adapter(adapter_name)
 
     def enable_adapter_layers(self, enabled: bool = True) -> None:
         self.prompts_disabled = not enabled

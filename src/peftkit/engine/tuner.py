@@ -415,6 +415,11 @@ class AdapterModel(nn.Module):
                              "first.")
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
+        self._forget_adapter(adapter_name)
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        """The engine's part of deleting an adapter (after its layers dropped it): its modules_to_save copies, its
+        config, and the active list (falling back to the first adapter left)."""
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
