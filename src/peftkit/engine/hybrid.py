@@ -162,10 +162,6 @@ class HybridModel(AdapterModel):
         self.inject_adapter(adapter_name, config, loading=loading)
 
     # ------------------------------------------------------------------------------------------ injection
-    def _is_adapter_param(self, param_name: str) -> bool:
-        prefixes = {method_for_config(c).prefix for cfg in self.peft_config.values() for c in cfg.layer_components()}
-        return any(f".{p}" in f".{param_name}" for p in prefixes) or ".modules_to_save." in param_name
-
     def inject_adapter(self, adapter_name: str, config: HybridConfig, loading: bool = False) -> None:
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
@@ -185,9 +181,7 @@ class HybridModel(AdapterModel):
             self._discard_partial_adapter(adapter_name)
             raise
         if first_adapter:
-            for name, p in self.model.named_parameters():
-                if not self._is_adapter_param(name):
-                    p.requires_grad_(False)
+            self._freeze_base()
             self.active_adapters = [adapter_name]
         self.set_adapter(self.active_adapters)
 

@@ -273,10 +273,7 @@ class AdapterModel(nn.Module):
             raise
 
         if first_adapter:
-            adapter_ids = self._adapter_param_ids()
-            for p in self.model.parameters():
-                if id(p) not in adapter_ids:
-                    p.requires_grad_(False)
+            self._freeze_base()
             self._mark_bias_trainable(config)
             self.active_adapters = [adapter_name]
             self.set_adapter(self.active_adapters, inference_mode=bool(config.inference_mode))
@@ -311,9 +308,13 @@ class AdapterModel(nn.Module):
             ids.update(id(p) for p in wrapper.modules_to_save.parameters())
         return ids
 
-    def _is_adapter_param(self, param_name: str) -> bool:
-        prefix = self.method.prefix
-        return f".{prefix}" in f".{param_name}" or ".modules_to_save." in param_name
+    def _freeze_base(self) -> None:
+        """Freeze every parameter of the model that is not an adapter's (found structurally, see
+        :meth:`_adapter_param_ids`); done when the first adapter is injected."""
+        adapter_ids = self._adapter_param_ids()
+        for p in self.model.parameters():
+            if id(p) not in adapter_ids:
+                p.requires_grad_(False)
 
     def _add_modules_to_save(self, adapter_name: str, config: TargetedConfig) -> None:
         if not config.modules_to_save:

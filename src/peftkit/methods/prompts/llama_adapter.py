@@ -206,9 +206,7 @@ class AdaptionPromptModel(AdapterModel):
             self._discard_partial_adapter(adapter_name)
             raise
         if first_adapter:
-            for name, p in self.model.named_parameters():
-                if not self._is_adapter_param(name):
-                    p.requires_grad_(False)
+            self._freeze_base()
             self.active_adapters = [adapter_name]
         self.set_adapter(self.active_adapters)
 
