@@ -236,6 +236,20 @@ def test_bridge_never_imports_peft_and_keeps_copies_and_pickles_plain():
     assert type(peft.get_peft_model(_llama(tok), peft.LoraConfig(r=2, target_modules=["q_proj"]))).__module__.startswith("peft.")
 
 
+def test_peftkit_aliased_as_peft_builds_models_without_recursing():
+    """Code that aliases peftkit as ``peft`` (``sys.modules["peft"] = peftkit``; our PEFT-suite shim does) must not
+    bridge peftkit to itself: the constructor hook would call itself until RecursionError."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, peftkit; sys.modules['peft'] = peftkit; import peft\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 4)); c = peft.LoraConfig(r=2, target_modules=['0'])\n"
+            "pm = peft.get_peft_model(m, c); assert type(pm) is peftkit.PeftModel and pm.__class__ is peftkit.PeftModel\n"
+            "assert isinstance(c, peft.PeftConfig) and c.__class__ is peftkit.LoraConfig; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ TRL
 def _sft_args(out, **kw):
     from trl import SFTConfig

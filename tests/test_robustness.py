@@ -338,6 +338,15 @@ def test_a_rank_beyond_the_layer_size_is_refused_before_allocating(config, field
     assert _unchanged(base, before) and all(p.requires_grad for p in base.parameters())
 
 
+def test_a_rank_above_a_small_layer_is_accepted_with_a_warning_as_in_peft():
+    base = MLP.build()
+    dims = sorted(base.lin0.weight.shape)
+    r = dims[1] + 2  # above both dimensions, factors still tiny: PEFT accepts it (its tests use r=8 on 5 x 1 convs)
+    with pytest.warns(UserWarning, match=f"LoraConfig.r={r} is larger than both dimensions of lin0"):
+        model = get_peft_model(base, LoraConfig(r=r, target_modules=["lin0"], init_lora_weights=False))
+    assert model.base_model.model.lin0.lora_A["default"].weight.shape[0] == r
+
+
 def test_pissa_niter_is_bounded():
     with pytest.raises(ValueError, match="LoraConfig.init_lora_weights='pissa_niter_100000000'.*can run for days"):
         _lora(init_lora_weights="pissa_niter_100000000")

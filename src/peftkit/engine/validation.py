@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import math
 import re
+import warnings
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -227,8 +228,9 @@ def _layer_dims(module: Any) -> Optional[tuple[int, int]]:
 
 
 def check_rank_against_layer(config: Any, module_name: str, module: Any) -> None:
-    """Refuse a rank larger than both dimensions of the layer it adapts, before anything is allocated (a rank
-    cannot exceed min(out, in); far beyond it, e.g. r=10**9, the factors alone would need hundreds of GB)."""
+    """Refuse a rank far beyond the layer it adapts, before anything is allocated (e.g. r=10**9: the factors alone
+    would need hundreds of GB). A rank above the layer's dimensions but with factors of a sane size is accepted
+    with a warning, as PEFT accepts it (r=8 on a 5 x 1 convolution): it adds parameters, not expressiveness."""
     fields = getattr(type(config), "rank_fields", ())
     if not fields:
         return
@@ -248,7 +250,15 @@ def check_rank_against_layer(config: Any, module_name: str, module: Any) -> None
             )
             if isinstance(picked, int) and not isinstance(picked, bool):
                 value, source = picked, f"{type(config).__name__}.rank_pattern (for {module_name})"
-        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= limit:
+            continue
+        # factor elements r * (out + in) within 64x the layer's own weight (and ~16M elements): accept and warn
+        if value * (dims[0] + dims[1]) <= max(64 * dims[0] * dims[1], 1 << 24):
+            warnings.warn(
+                f"{source}={value} is larger than both dimensions of {module_name} ({dims[0]} x {dims[1]}); the "
+                f"update's rank stays at most {min(dims)}, so the extra rank only adds parameters.",
+                UserWarning, stacklevel=3)
+        else:
             raise ValueError(
                 f"{source}={value} is larger than both dimensions of {module_name} ({dims[0]} x {dims[1]}); a rank "
                 f"above min({dims[0]}, {dims[1]}) adds parameters but no expressiveness. Choose r <= {min(dims)}."

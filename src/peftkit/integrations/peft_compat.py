@@ -33,6 +33,8 @@ def _peft() -> Any:
     peft = sys.modules.get("peft")
     if peft is None or getattr(getattr(peft, "__spec__", None), "_initializing", False):
         return None
+    if getattr(getattr(peft, "PeftModel", None), "__module__", "").startswith("peftkit"):
+        return None  # "peft" is peftkit under another name (an alias or a shim): nothing to bridge to
     return peft
 
 
