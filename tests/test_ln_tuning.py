@@ -25,11 +25,12 @@ class _NormNet(nn.Module):
         self.rms = nn.RMSNorm(32)
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.gn = nn.GroupNorm(2, 8)
+        self.bn = nn.BatchNorm2d(8)
         self.head = nn.Linear(40, 4)
 
     def forward(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
         h = self.rms(torch.relu(self.lin0(x)))
-        c = self.gn(self.conv(img)).mean(dim=(2, 3))
+        c = self.bn(self.gn(self.conv(img))).mean(dim=(2, 3))
         return self.head(torch.cat([h, c], dim=-1))
 
 
@@ -69,6 +70,8 @@ CASES = [
     ln_case("ln-bert-cls", "bert", target_modules=["LayerNorm"], modules_to_save=["classifier"]),
     ln_case("ln-vit", "vit", target_modules=["layernorm_before", "layernorm_after"], modules_to_save=["classifier"]),
     ln_case("ln-torch-rms-group", "norm-net", target_modules=["rms", "gn"]),
+    # as in PEFT, a module targeted by name is tuned whatever its type (a Linear; a BatchNorm with its statistics)
+    ln_case("ln-any-targeted-module", "norm-net", target_modules=["lin0", "bn"]),
     ln_case("ln-llama-regex", "llama", target_modules=r".*layers\.1\..*layernorm"),
 ]
 
@@ -137,13 +140,37 @@ def test_merge_is_exact_and_unmerge_restores_bits():
     assert torch.equal(layer.ln_tuning_layers["late"].weight, layer.base_layer.weight)
 
 
-def test_only_norm_layers_are_adapted():
+def test_only_modules_with_parameters_are_adapted():
     base = MODELS["llama"].build()
     with pytest.raises(ValueError, match="cannot adapt any"):
-        peftkit.get_peft_model(base, LNTuningConfig(target_modules=["q_proj"]))
+        peftkit.get_peft_model(base, LNTuningConfig(target_modules=["act_fn"]))  # SiLU: nothing to tune
     assert not any(isinstance(m, AdapterLayer) for m in base.modules())
     with pytest.raises(ValueError, match="no default for model type"):
         peftkit.get_peft_model(MODELS["mlp"].build(), LNTuningConfig())
+
+
+def test_a_targeted_batch_norm_keeps_its_running_statistics_through_save_load_and_merge(tmp_path):
+    model = peftkit.get_peft_model(_norm_net(), LNTuningConfig(target_modules=["bn"]))
+    inputs = _norm_inputs(8)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(**inputs)  # updates the copy's running statistics, not the frozen original's
+    model.eval()
+    tuned = model.base_model.model.bn.ln_tuning_layers["default"]
+    original = model.base_model.model.bn.base_layer
+    assert not torch.equal(tuned.running_mean, original.running_mean) and int(tuned.num_batches_tracked) == 3
+    expected = model(**inputs)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.bn.ln_tuning_layers.running_mean", "base_model.model.bn.ln_tuning_layers.running_var",
+            "base_model.model.bn.ln_tuning_layers.num_batches_tracked"} <= keys
+    loaded = peftkit.PeftModel.from_pretrained(_norm_net(), tmp_path).eval()
+    torch.testing.assert_close(loaded(**inputs), expected, rtol=0, atol=0)
+    merged = loaded.merge_and_unload()
+    torch.testing.assert_close(merged(**inputs), expected, rtol=0, atol=0)
 
 
 def test_checkpoint_config_reads_in_peft_without_unknown_keys(tmp_path):

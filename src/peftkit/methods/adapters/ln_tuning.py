@@ -2,7 +2,8 @@
 2023). The survey finds it "surprisingly competitive" and recommends it as a baseline.
 
 Each adapter is a trainable copy of a targeted norm layer (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, or
-any module whose class name says it is a norm layer, such as transformers' ``LlamaRMSNorm`` and ``T5LayerNorm``);
+any module whose class name says it is a norm layer, such as transformers' ``LlamaRMSNorm`` and ``T5LayerNorm``;
+as in PEFT, any other module targeted by name, e.g. a BatchNorm, whose running statistics are saved too);
 while the adapter is active the copy runs in place of the original, which stays frozen and untouched. As in
 Hugging Face PEFT, the copy's parameters are saved under ``<module>.ln_tuning_layers.<param>`` (full values, not
 differences), so checkpoints move between the two libraries unchanged.
@@ -80,8 +81,8 @@ class LNTuningConfig(TargetedConfig):
 
 def is_norm_layer(module: nn.Module) -> bool:
     """LayerNorm, RMSNorm, GroupNorm, or a module whose class is named like a norm layer (``LlamaRMSNorm``,
-    ``T5LayerNorm``, ...) and holds its own parameters. Batch norm is excluded: its running statistics are
-    buffers that training would change but no checkpoint would keep."""
+    ``T5LayerNorm``, ...) and holds its own parameters. Batch norm is not counted (it is tuned only when
+    targeted by name)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return False
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())):
@@ -104,9 +105,23 @@ class LNTuningLayer(AdapterLayer):
         tuned = copy.deepcopy(self.base_layer)
         if self._originals is not None:  # the base currently holds a merged adapter's values
             with torch.no_grad():
-                for name, p in tuned.named_parameters():
+                for name, p in self._state(tuned).items():
                     p.copy_(self._originals[name])
         self.ln_tuning_layers[adapter_name] = tuned
+
+    def adapter_buffers(self, adapter_name: str):
+        """The copy's persistent buffers (a batch norm's running statistics), saved beside its parameters under
+        the same keys as PEFT (``<module>.ln_tuning_layers.<name>``)."""
+        if adapter_name not in self.ln_tuning_layers:
+            return
+        tuned = self.ln_tuning_layers[adapter_name]
+        params = {n for n, _ in tuned.named_parameters()}
+        for name, t in tuned.state_dict(keep_vars=True).items():
+            if name not in params:
+                yield f"ln_tuning_layers.{adapter_name}.{name}", t
+
+    def _state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return dict(module.state_dict(keep_vars=True))  # parameters and persistent buffers
 
     def _single(self, names: Sequence[str]) -> str:
         if len(names) > 1:
@@ -141,10 +156,10 @@ class LNTuningLayer(AdapterLayer):
             self.unmerge()
         if safe_merge and self.first_nonfinite_merge([name]) is not None:
             raise ValueError(f"Merging adapter {name!r} would put NaN or inf into the base weights; nothing was changed.")
-        tuned = dict(self.ln_tuning_layers[name].named_parameters())
+        tuned = self._state(self.ln_tuning_layers[name])
         with torch.no_grad():
-            self._originals = {n: p.detach().clone() for n, p in self.base_layer.named_parameters()}
-            for n, p in self.base_layer.named_parameters():
+            self._originals = {n: p.detach().clone() for n, p in self._state(self.base_layer).items()}
+            for n, p in self._state(self.base_layer).items():
                 p.copy_(tuned[n])
         self.merged_adapters.append(name)
 
@@ -152,7 +167,7 @@ class LNTuningLayer(AdapterLayer):
         if not self.merged_adapters:
             return
         with torch.no_grad():
-            for n, p in self.base_layer.named_parameters():
+            for n, p in self._state(self.base_layer).items():
                 p.copy_(self._originals[n])
         self._originals = None
         self.merged_adapters.clear()
@@ -160,8 +175,11 @@ class LNTuningLayer(AdapterLayer):
 
 def create_ln_tuning_layer(target: nn.Module, adapter_name: str, config: LNTuningConfig, module_name: str = "",
                            loading: bool = False) -> Optional[LNTuningLayer]:
-    """Wrap a norm layer; None for other module types (LN tuning tunes norm layers only)."""
-    if not is_norm_layer(innermost_base(target)):
+    """Wrap a targeted module that holds parameters. The default targets are the model's norm layers; as in PEFT,
+    a module the user targets by name is tuned whatever its type (a Linear, a BatchNorm with its running
+    statistics, a block), since each adapter is a trainable copy of it. Modules without parameters: None."""
+    base = innermost_base(target)
+    if not is_norm_layer(base) and next(base.parameters(), None) is None:
         return None
     layer = LNTuningLayer(target)
     layer.update_layer(adapter_name, config, module_name=module_name, loading=loading)
