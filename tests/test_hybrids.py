@@ -1,5 +1,6 @@
 """MAM adapters and UniPELT (peftkit.methods.hybrids over peftkit.engine.hybrid) on tiny BERT, Llama (grouped-query
-attention) and GPT-2: the contract suite, AdapterHub's trainable counts on BERT-base, the gate formulas."""
+attention), GPT-2 and T5 (prefixes in the encoder, the decoder and the cross-attention): the contract suite,
+AdapterHub's trainable counts on BERT-base, T5-base and Llama, the gate formulas."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def noise(model, scale=0.1, seed=123):
 # (AdapterHub's prefix alone on the tiny random BERT classifier moves its logits by ~1e-4: too little for the loss
 # test; its BERT folders are tested by the AdapterHub import tests)
 CASES = [Case(f"{m}-{arch}", arch, SMALL[m], identity_init=False, mergeable=False, perturb=noise, train_lr=3e-2)
-         for m in SMALL for arch in ("bert", "llama", "gpt2") if not (m == "ah_prefix" and arch == "bert")]
+         for m in SMALL for arch in ("bert", "llama", "gpt2", "t5") if not (m == "ah_prefix" and arch == "bert")]
 _tests = contract_tests(CASES)
 del _tests["test_only_adapter_parameters_train"]  # one method prefix per name: replaced by the test below
 globals().update(_tests)
@@ -178,11 +179,120 @@ def test_bad_config_is_refused_by_field():
         peftkit.UniPELTConfig(r=0)
 
 
-def test_encoder_decoder_is_refused_and_leaves_the_model_unchanged():
+@pytest.mark.parametrize("config, expected", [(peftkit.MAMConfig, 60_390_240), (peftkit.UniPELTConfig, 32_346_372),
+                                              (peftkit.AdapterHubPrefixTuningConfig, 29_617_152)])
+def test_trainable_count_matches_adapterhub_on_t5_base(config, expected):
+    """The reference's t5-base: prefixes in 12 encoder self-attentions, 12 decoder self-attentions and 12
+    cross-attentions (three prefix modules), UniPELT's gates on each of the 36 attentions."""
+    from transformers import T5Config, T5Model
+
+    with torch.device("meta"):
+        base = T5Model(T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128))
+        model = peftkit.get_peft_model(base, config())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert set(model.base_model.prefix_tuning["default"]) == {"encoder_prefix", "self_prefix", "cross_prefix"}
+
+
+def test_t5_prefix_reaches_encoder_decoder_and_cross_attention():
+    """Each of the three prefixes changes the output on its own (the other two zeroed)."""
+    base = MODELS["t5"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL["mam"]()).eval()
+    noise(model)
+    group = model.base_model.prefix_tuning["default"]
+    with torch.no_grad():
+        for where in group:
+            group[where].control_trans[2].weight.zero_()
+            group[where].control_trans[2].bias.zero_()
+    zero = out("t5", model)  # zero keys and values: they still take attention weight
+    for where in group:
+        model = peftkit.get_peft_model(copy.deepcopy(base), SMALL["mam"]()).eval()
+        noise(model)
+        with torch.no_grad():
+            for other in model.base_model.prefix_tuning["default"].values():
+                if other is not model.base_model.prefix_tuning["default"][where]:
+                    other.control_trans[2].weight.zero_()
+                    other.control_trans[2].bias.zero_()
+            for p in model.base_model.prefix_tuning["default"].parameters():
+                p.requires_grad_(False)
+        assert (out("t5", model) - zero).abs().max() > 1e-3, where
+
+
+def test_unipelt_closed_gates_on_t5_leave_only_a_zero_prefix():
+    """UniPELT starts with its gates near 0.5 (AdapterHub's default, not the identity). Closed gates (sigmoid -> 0)
+    switch off the bottleneck adapter and LoRA and make the prefix keys and values zero, which is not the base model:
+    zero keys still take part of the attention (as in AdapterHub). Equal to: gates open, adapter/LoRA/prefix zeroed."""
+    base = MODELS["t5"].build()
+    model = peftkit.get_peft_model(copy.deepcopy(base), SMALL["unipelt"]()).eval()
+    noise(model)
+    gates = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1
+             and ("gate" in n)]
+    assert len(gates) == 6 + 4 + 12  # prefix gates on 6 attentions, 4 blocks' adapter gates, LoRA on 6 q and 6 v
+    with torch.no_grad():
+        for g in gates:
+            g.weight.zero_()
+            g.bias.fill_(-1e4)
+    closed = out("t5", model)
+    with torch.no_grad():
+        for g in gates:
+            g.bias.fill_(1e4)
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "adapter_up" in n or "control_trans.2" in n:
+                p.zero_()
+    assert torch.allclose(closed, out("t5", model), atol=1e-6)
+    assert (closed - out("t5", base)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_t5_generate_equals_manual_greedy_decoding(method):
+    """With and without the KV cache; a padded source row (the encoder and cross-attention masks are extended over
+    the prefix) gives what that row gives alone."""
+    model = peftkit.get_peft_model(MODELS["t5"].build(), SMALL[method]()).eval()
+    noise(model)
+    ids = MODELS["t5"].inputs(2)["input_ids"][:, :6]
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+        seq = torch.zeros(2, 1, dtype=torch.long)  # decoder_start_token_id
+        for _ in range(4):
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        alone = model.generate(input_ids=ids[1:, :4], **kw)
+    assert torch.equal(cached, seq) and torch.equal(uncached, seq)
+    assert torch.equal(alone[0], seq[1])
+
+
+@pytest.mark.parametrize("method", ["mam", "unipelt"])
+def test_t5_gradient_checkpointing_gives_the_same_gradients(method):
+    grads = []
+    for gc in (False, True):
+        model = peftkit.get_peft_model(MODELS["t5"].build(), SMALL[method]())
+        noise(model)
+        if gc:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        MODELS["t5"].loss(model, MODELS["t5"].inputs(2)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("prefix_tuning" in n for n in grads[0])
+    for n in grads[0]:
+        assert grads[0][n].abs().max() > 0 or "lora_A" in n, n
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_encoder_decoder_without_attention_sites_is_refused_and_leaves_the_model_unchanged():
     base = MODELS["t5"].build()
     names = [n for n, _ in base.named_modules()]
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        peftkit.get_peft_model(base, SMALL["mam"]())
+    from peftkit.engine import hybrid
+
+    real = hybrid.seq2seq_prefix_sites
+    hybrid.seq2seq_prefix_sites = lambda model: [s for s in real(model) if s[2] != "cross_prefix"]
+    try:
+        with pytest.raises(ValueError, match="T5ForConditionalGeneration.*not supported"):
+            peftkit.get_peft_model(base, SMALL["mam"]())
+    finally:
+        hybrid.seq2seq_prefix_sites = real
     assert [n for n, _ in base.named_modules()] == names
     assert all(p.requires_grad for p in base.parameters())
 
@@ -221,7 +331,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "t5"])
 @pytest.mark.parametrize("method", ["mam", "unipelt"])
 def test_disable_gives_the_base_output(arch, method):
     base = MODELS[arch].build()
@@ -250,7 +360,7 @@ def test_two_named_hybrid_adapters_switch():
     assert "other" not in model.base_model.prefix_tuning
 
 
-@pytest.mark.parametrize("arch, method", [("bert", "unipelt"), ("llama", "mam"), ("gpt2", "ah_prefix")])
+@pytest.mark.parametrize("arch, method", [("bert", "unipelt"), ("llama", "mam"), ("gpt2", "ah_prefix"), ("t5", "unipelt")])
 def test_adapterhub_export_reloads_exactly(arch, method, tmp_path):
     """format='adapterhub' writes AdapterHub's union config and keys (each prefix tensor under the root pool and
     every attention layer, as adapters does); adapters itself loads these (check_export.py); here: ours reloads."""
@@ -268,8 +378,12 @@ def test_adapterhub_export_reloads_exactly(arch, method, tmp_path):
         assert cfg["architecture"] == "union"
         assert [c.get("architecture", "bottleneck") for c in cfg["configs"]][0] == "prefix_tuning"
     keys = set(peftkit.engine.io.load_tensors(str(tmp_path / "adapter.safetensors")))
-    assert sum(".prefix_tuning.pool.prefix_tunings.default.self_prefix.wte.weight" in k for k in keys) == 2  # 2 layers
-    head = {"bert": "bert.", "llama": "model.", "gpt2": "transformer."}[arch]  # the head model's prefix, as adapters
+    if arch == "t5":  # the pool (three prefixes) under each of the 6 attentions, as adapters
+        assert sum(".prefix_tuning.pool.prefix_tunings.default.cross_prefix.wte.weight" in k for k in keys) == 6
+        assert sum(".prefix_tuning.prefix_gates.default.weight" in k for k in keys) == 6
+    else:
+        assert sum(".prefix_tuning.pool.prefix_tunings.default.self_prefix.wte.weight" in k for k in keys) == 2
+    head = {"bert": "bert.", "llama": "model.", "gpt2": "transformer.", "t5": ""}[arch]  # the head's prefix, as adapters
     assert all(k.startswith(head) for k in keys), sorted(keys)[:3]
     loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
