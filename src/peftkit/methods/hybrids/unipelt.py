@@ -31,6 +31,9 @@ class GatedLoraConfig(LoraConfig):
     """LoRA with AdapterHub's gate (the component of UniPELT; the gate replaces lora_alpha / r)."""
 
     use_gating: bool = True
+    # AdapterHub's LoRA on a fused q/k/v projection (GPT-2's c_attn) adapts only these matrices' thirds, each with its
+    # own factors (and gate); separate q/k/v projections are targeted by name instead
+    fused_qkv_matrices: Optional[list[str]] = field(default_factory=lambda: ["q", "v"])
 
 
 @dataclass
