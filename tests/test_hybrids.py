@@ -404,3 +404,23 @@ def test_generate_with_left_padding_equals_each_row_alone(arch, method):
         row0 = model.generate(input_ids=ids[:1], attention_mask=torch.ones(1, 6, dtype=torch.long), **kw)
         row1 = model.generate(input_ids=ids[1:, 2:], attention_mask=torch.ones(1, 4, dtype=torch.long), **kw)
     assert torch.equal(both[0], row0[0]) and torch.equal(both[1, 2:], row1[0])
+
+
+def test_unipelt_lora_on_gpt2_adapts_only_the_q_and_v_thirds_of_c_attn():
+    """AdapterHub's LoRA on GPT-2's fused c_attn (LoRAMergedLinear): factors and a gate output for q and for v; the
+    key third is untouched."""
+    model = peftkit.get_peft_model(MODELS["gpt2"].build(), SMALL["unipelt"]()).eval()
+    noise(model)
+    layer = next(m for n, m in model.named_modules() if n.endswith("h.0.attn.c_attn"))
+    assert layer.lora_A["default"].weight.shape == (2 * 2, 32) and layer.lora_B["default"].weight.shape == (64, 2)
+    assert layer.lora_gate["default"].weight.shape == (2, 32)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        delta = layer(x) - layer.base_layer(x)
+        g = torch.sigmoid(layer.lora_gate["default"](x)).mean(dim=1, keepdim=True)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        q = (x @ a[:2].t() @ b[:32].t()) * g[..., :1]
+        v = (x @ a[2:].t() @ b[32:].t()) * g[..., 1:]
+    assert torch.equal(delta[..., 32:64], torch.zeros_like(delta[..., 32:64]))
+    assert torch.allclose(delta[..., :32], q, atol=1e-6) and torch.allclose(delta[..., 64:], v, atol=1e-6)
+    assert q.abs().max() > 1e-3 and v.abs().max() > 1e-3
