@@ -243,28 +243,6 @@ def test_unipelt_closed_gates_on_t5_leave_only_a_zero_prefix():
 
 
 @pytest.mark.parametrize("method", ["mam", "unipelt"])
-def test_t5_generate_equals_manual_greedy_decoding(method):
-    """With and without the KV cache; a padded source row (the encoder and cross-attention masks are extended over
-    the prefix) gives what that row gives alone."""
-    model = peftkit.get_peft_model(MODELS["t5"].build(), SMALL[method]()).eval()
-    noise(model)
-    ids = MODELS["t5"].inputs(2)["input_ids"][:, :6]
-    mask = torch.ones_like(ids)
-    mask[1, -2:] = 0
-    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    with torch.no_grad():
-        cached = model.generate(input_ids=ids, attention_mask=mask, **kw)
-        uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
-        seq = torch.zeros(2, 1, dtype=torch.long)  # decoder_start_token_id
-        for _ in range(4):
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq).logits
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        alone = model.generate(input_ids=ids[1:, :4], **kw)
-    assert torch.equal(cached, seq) and torch.equal(uncached, seq)
-    assert torch.equal(alone[0], seq[1])
-
-
-@pytest.mark.parametrize("method", ["mam", "unipelt"])
 def test_t5_gradient_checkpointing_gives_the_same_gradients(method):
     grads = []
     for gc in (False, True):
@@ -297,21 +275,97 @@ def test_encoder_decoder_without_attention_sites_is_refused_and_leaves_the_model
     assert all(p.requires_grad for p in base.parameters())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def constant_gates(model):
+    """Zero the weights of every AdapterHub gate (prefix, bottleneck, LoRA): each gate is then sigmoid(bias), the
+    same for every token, so the model is causal again (see test_unipelt_gates_average_over_the_whole_call)."""
+    found = 0
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and "gate" in n and "gate_proj" not in n:
+                m.weight.zero_()
+                found += 1
+    assert found
+
+
+def generate_logits(model, arch, ids, mask, use_cache, steps=4):
+    """generate()'s tokens and its raw logits per step, (batch, steps, vocab)."""
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, use_cache=use_cache)
+    if arch != "t5":
+        kw["pad_token_id"] = 0
+    with torch.no_grad():
+        r = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    return r.sequences, torch.stack(r.logits, 1)
+
+
+def forward_logits(model, arch, ids, mask, seq):
+    """The logits one forward of the whole generated sequence gives at each generated position."""
+    with torch.no_grad():
+        if arch == "t5":
+            return model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq[:, :-1]).logits
+        n = ids.shape[1]
+        full = torch.cat([mask, torch.ones(mask.shape[0], seq.shape[1] - 1 - n, dtype=mask.dtype)], 1)
+        return model(input_ids=seq[:, :-1], attention_mask=full).logits[:, n - 1:]
+
+
+def stepwise_logits(model, arch, ids, mask, seq):
+    """Each generated position's logits from a full forward of the sequence up to it (what a loop of greedy full
+    forwards without a cache computes), (batch, steps, vocab)."""
+    start = 1 if arch == "t5" else ids.shape[1]
+    out = []
+    with torch.no_grad():
+        for t in range(start, seq.shape[1]):
+            if arch == "t5":
+                out.append(model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq[:, :t]).logits[:, -1])
+            else:
+                m = torch.cat([mask, torch.ones(mask.shape[0], t - ids.shape[1], dtype=mask.dtype)], 1)
+                out.append(model(input_ids=seq[:, :t], attention_mask=m).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+def gen_inputs(arch):
+    ids = MODELS[arch].inputs(2)["input_ids"][:, :6]
+    mask = torch.ones_like(ids)
+    if arch == "t5":
+        mask[1, -2:] = 0  # a padded source: the encoder and cross-attention masks are extended over the prefix
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
 @pytest.mark.parametrize("method", ["mam", "unipelt"])
-def test_generate_equals_manual_greedy_decoding(arch, method):
+def test_generate_with_and_without_cache_equals_a_forward(arch, method):
+    """Logits of every generated step, with and without the KV cache, equal one forward of the whole sequence.
+    UniPELT with its gates made token-independent (its gates average over the call's tokens; next test)."""
     model = peftkit.get_peft_model(MODELS[arch].build(), SMALL[method]()).eval()
     noise(model)
-    ids = MODELS[arch].inputs(2)["input_ids"][:, :5]
-    with torch.no_grad():
-        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                  do_sample=False, use_cache=False)
-        seq = ids
-        for _ in range(4):
-            nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(cached, seq) and torch.equal(uncached, seq)
+    if method == "unipelt":
+        constant_gates(model)
+    ids, mask = gen_inputs(arch)
+    for use_cache in (True, False):
+        seq, logits = generate_logits(model, arch, ids, mask, use_cache)
+        close = (logits - forward_logits(model, arch, ids, mask, seq)).abs().max()
+        assert close <= 1e-5, (use_cache, close.item())
+    if arch == "t5":  # the padded row equals that row alone
+        alone, _ = generate_logits(model, arch, ids[1:, :4], mask[1:, :4], True)
+        assert torch.equal(alone[0], seq[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_unipelt_gates_average_over_the_whole_call(arch):
+    """AdapterHub's UniPELT gates are mean_seq(sigmoid(Linear(x))) over the tokens of the call, so a full forward's
+    early positions depend on later tokens (not causal, as in AdapterHub), and a cached generation step gates with
+    the new token alone. What holds: generate() without the cache equals greedy full forwards step by step, and the
+    first cached step (the whole prompt in one call) equals it too."""  # (MAM has no gates: causal, previous test)
+    model = peftkit.get_peft_model(MODELS[arch].build(), SMALL["unipelt"]()).eval()
+    noise(model, scale=0.5)
+    ids, mask = gen_inputs(arch)
+    seq, logits = generate_logits(model, arch, ids, mask, use_cache=False)
+    manual = stepwise_logits(model, arch, ids, mask, seq)
+    assert (logits - manual).abs().max() <= 1e-5
+    _, cached = generate_logits(model, arch, ids, mask, use_cache=True)
+    assert (cached[:, 0] - manual[:, 0]).abs().max() <= 1e-5
+    full = forward_logits(model, arch, ids, mask, seq)
+    assert (full - logits).abs().max() > 1e-4  # the later tokens moved the earlier positions' gates
 
 
 @pytest.mark.parametrize("method", ["mam", "unipelt"])
@@ -395,6 +449,8 @@ def test_adapterhub_export_reloads_exactly(arch, method, tmp_path):
 def test_generate_with_left_padding_equals_each_row_alone(arch, method):
     model = peftkit.get_peft_model(MODELS[arch].build(), SMALL[method]()).eval()
     noise(model)
+    if method == "unipelt":  # its gates average over the call's tokens, padding included (AdapterHub's definition)
+        constant_gates(model)
     ids = MODELS[arch].inputs(2)["input_ids"][:, :6]
     padded, mask = ids.clone(), torch.ones_like(ids)
     padded[1, :2], mask[1, :2] = 0, 0

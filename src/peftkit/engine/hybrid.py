@@ -18,6 +18,15 @@ Prefix gate (AdapterHub's ``use_gating`` on prefix tuning): ``g = mean_seq(sigmo
 ``x`` the input of the layer's self-attention; the layer's prefix keys and values are multiplied by ``g`` (one scalar
 per example). It is applied by a forward pre-hook on each self-attention module that hands the attention a view of
 the cache whose ``update()`` scales the first ``prefix_length`` positions; nothing is stored between calls.
+
+Encoder-decoder models (T5; AdapterHub's placement): one prefix module per location, ``encoder_prefix`` (encoder
+self-attention), ``self_prefix`` (decoder self-attention) and ``cross_prefix`` (cross-attention), held in a
+:class:`HybridPrefixGroup`; gates, when used, one per attention. A forward pre-hook on each attention module computes
+that layer's prefix (only its rows of the MLP's last Linear), gates it with that attention's input, hands the attention
+a :class:`_PrefixedCache` (``update()`` stores the real keys/values in the real cache, if any, and returns them after
+the prefix, which is never stored) and extends its mask over the prefix (an explicit causal mask where SDPA would
+otherwise align ``is_causal`` top-left). T5's relative position bias is then computed over prefix + keys, so the real
+keys sit at positions P, P + 1, ... as in AdapterHub.
 """
 
 from __future__ import annotations
