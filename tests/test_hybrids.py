@@ -554,3 +554,38 @@ def test_cli_bench_runs_the_hybrids_and_prompt_methods_on_the_default_model(tmp_
     for name, row in rows.items():
         assert "error" not in row, (name, row.get("error"))
         assert row["trainable_params"] > 0 and row["infer_tokens_per_s_unmerged"] > 0
+
+
+def _tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=96, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=32, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)).eval()
+
+
+def test_bart_adapterhub_prefix_generate_with_and_without_cache_equals_a_forward():
+    """BART gets AdapterHub's prefix in the same three places as T5 (its folders load: tests/test_adapterhub.py)."""
+    model = peftkit.get_peft_model(_tiny_bart(), peftkit.AdapterHubPrefixTuningConfig(prefix_length=4, bottleneck_size=8))
+    model.eval()
+    noise(model)
+    assert set(model.base_model.prefix_tuning["default"]) == {"encoder_prefix", "self_prefix", "cross_prefix"}
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    for use_cache in (True, False):
+        with torch.no_grad():
+            r = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                               use_cache=use_cache, output_logits=True, return_dict_in_generate=True)
+            full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=r.sequences[:, :-1]).logits
+        assert (torch.stack(r.logits, 1) - full).abs().max() <= 1e-5
+
+
+def test_mam_on_bart_is_refused_by_name_and_leaves_the_model_unchanged():
+    base = _tiny_bart()
+    names = [n for n, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="'bart'"):
+        peftkit.get_peft_model(base, SMALL["mam"]())
+    assert [n for n, _ in base.named_modules()] == names and all(p.requires_grad for p in base.parameters())
