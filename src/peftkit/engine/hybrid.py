@@ -18,6 +18,15 @@ Prefix gate (AdapterHub's ``use_gating`` on prefix tuning): ``g = mean_seq(sigmo
 ``x`` the input of the layer's self-attention; the layer's prefix keys and values are multiplied by ``g`` (one scalar
 per example). It is applied by a forward pre-hook on each self-attention module that hands the attention a view of
 the cache whose ``update()`` scales the first ``prefix_length`` positions; nothing is stored between calls.
+
+Encoder-decoder models (T5; AdapterHub's placement): one prefix module per location, ``encoder_prefix`` (encoder
+self-attention), ``self_prefix`` (decoder self-attention) and ``cross_prefix`` (cross-attention), held in a
+:class:`HybridPrefixGroup`; gates, when used, one per attention. A forward pre-hook on each attention module computes
+that layer's prefix (only its rows of the MLP's last Linear), gates it with that attention's input, hands the attention
+a :class:`_PrefixedCache` (``update()`` stores the real keys/values in the real cache, if any, and returns them after
+the prefix, which is never stored) and extends its mask over the prefix (an explicit causal mask where SDPA would
+otherwise align ``is_causal`` top-left). T5's relative position bias is then computed over prefix + keys, so the real
+keys sit at positions P, P + 1, ... as in AdapterHub.
 """
 
 from __future__ import annotations
@@ -110,6 +119,94 @@ class HybridPrefix(nn.Module):
         kv = out.view(n, self.layers, 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
         return [(kv[i, 0].unsqueeze(0).expand(batch, -1, -1, -1), kv[i, 1].unsqueeze(0).expand(batch, -1, -1, -1))
                 for i in range(self.layers)]
+
+    def layer_keys_values(self, i: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s (key, value), each (batch, kv_heads, prefix_length, head_dim): the same numbers as
+        ``keys_values()[i]``, computing only that layer's rows of the last Linear (for one attention call)."""
+        n, width = self.wte.num_embeddings, 2 * self.kv_heads * self.head_dim
+        first, last = self.control_trans[0], self.control_trans[2]
+        hidden = self.control_trans[1](first(self.wte.weight))
+        rows = slice(i * width, (i + 1) * width)
+        out = self.dropout(nn.functional.linear(hidden, last.weight[rows], last.bias[rows])).to(dtype)
+        kv = out.view(n, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return kv[0].unsqueeze(0).expand(batch, -1, -1, -1), kv[1].unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+class HybridPrefixGroup(nn.ModuleDict):
+    """An encoder-decoder model's prefixes, one :class:`HybridPrefix` per location, under AdapterHub's location
+    names: ``encoder_prefix`` (encoder self-attention), ``self_prefix`` (decoder self-attention), ``cross_prefix``
+    (decoder cross-attention)."""
+
+    @property
+    def wte(self) -> nn.Embedding:  # the prefix length and parameter dtype, as on HybridPrefix
+        return next(iter(self.values())).wte
+
+
+ENCODER_PREFIX, SELF_PREFIX, CROSS_PREFIX = "encoder_prefix", "self_prefix", "cross_prefix"
+_CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
+
+
+def seq2seq_prefix_sites(model: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
+    """(path, attention module, location, layer index within the location) of every attention of an encoder-decoder
+    model where AdapterHub puts a prefix: the modules taking ``key_value_states`` and a cache argument, in the
+    encoder (``encoder_prefix``) and the decoder (``self_prefix``; ``cross_prefix`` for the cross-attention)."""
+    from peftkit.engine.prompting import CACHE_KWARGS, forward_parameters
+
+    found: list[tuple[str, nn.Module, str, int]] = []
+    counts: dict[str, int] = {}
+    candidates = []
+    for path, m in model.named_modules():
+        params = forward_parameters(m)
+        if "key_value_states" in params and any(k in params for k in CACHE_KWARGS):
+            candidates.append((path, m))
+    paths = [p for p, _ in candidates]
+    for path, m in candidates:
+        if any(other.startswith(path + ".") for other in paths):
+            continue  # a wrapper of the attention (T5LayerCrossAttention): the innermost module is the attention
+        parts = path.split(".")
+        if "encoder" in parts:
+            where = ENCODER_PREFIX
+        elif "decoder" in parts:
+            where = CROSS_PREFIX if parts[-1] in _CROSS_NAMES or getattr(m, "is_cross_attention", False) else SELF_PREFIX
+        else:
+            continue
+        found.append((path, m, where, counts.get(where, 0)))
+        counts[where] = counts.get(where, 0) + 1
+    return found
+
+
+class _PrefixedCache:
+    """What one attention call of an encoder-decoder model sees as its cache (AdapterHub's placement): ``update()``
+    stores the new keys/values in the real cache (if any) as the model would, and returns them after the prefix.
+    The prefix itself is never stored, so each call (and a recomputation under checkpointing) adds it afresh."""
+
+    def __init__(self, inner: Any, key: torch.Tensor, value: torch.Tensor, cross: bool) -> None:
+        self._inner, self._key, self._value, self._cross = inner, key, value, cross
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self._inner is None else self._inner.get_seq_length(layer_idx)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        from transformers import EncoderDecoderCache
+
+        inner = self._inner
+        if inner is None:
+            k, v = key, value
+        elif isinstance(inner, EncoderDecoderCache) and self._cross:
+            if inner.is_updated.get(layer_idx):  # later steps: the encoder's keys/values are cached already
+                k, v = inner.cross_attention_cache.layers[layer_idx].keys, inner.cross_attention_cache.layers[layer_idx].values
+            else:
+                k, v = inner.cross_attention_cache.update(key, value, layer_idx, *args, **kwargs)
+                inner.is_updated[layer_idx] = True
+        else:
+            sub = inner.self_attention_cache if isinstance(inner, EncoderDecoderCache) else inner
+            k, v = sub.update(key, value, layer_idx, *args, **kwargs)
+        return (torch.cat([self._key.to(k.dtype), k], dim=2), torch.cat([self._value.to(v.dtype), v], dim=2))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
 
 
 class _GatedCache:
@@ -220,9 +317,8 @@ class HybridModel(AdapterModel):
             raise ValueError(f"The prefix of this hybrid goes through the model's cache, but {cls}.forward takes "
                              "neither `cache` nor `past_key_values`; this architecture is not supported.")
         if is_encoder_decoder(self.model):
-            raise ValueError(f"{type(self.peft_config[adapter_name]).__name__} on {cls}: the hybrids' prefix is "
-                             "AdapterHub's, which encoder-decoder models get in the encoder, the decoder and the "
-                             "cross-attention; peftkit supports it on encoder-only and decoder-only models so far.")
+            self._add_seq2seq_prefix(adapter_name, spec)
+            return
         dims = model_dims(self.model, type(self.peft_config[adapter_name]).__name__)
         if not (dims["num_layers"] and dims["hidden"] and dims["heads"]):
             raise ValueError(f"Could not read the number of layers, hidden size and heads of {cls} from its config.")
@@ -251,6 +347,81 @@ class HybridModel(AdapterModel):
             for i, attn in enumerate(self_attention_modules(self.model)):
                 self._hooks.append(attn.register_forward_pre_hook(self._gate_hook(i), with_kwargs=True))
             self._cache_readers = keep_cache_under_checkpointing(self.model)
+
+    def _add_seq2seq_prefix(self, adapter_name: str, spec: PrefixSpec) -> None:
+        """AdapterHub's placement on encoder-decoder models: a prefix in every encoder self-attention, decoder
+        self-attention and cross-attention (three prefix modules), each attention with its own gate when gated. A
+        forward pre-hook on each attention hands it a :class:`_PrefixedCache` and a mask extended over the prefix."""
+        from peftkit.engine.prompting import model_dims
+
+        cls = type(self.model).__name__
+        dims = model_dims(self.model, type(self.peft_config[adapter_name]).__name__)
+        sites = seq2seq_prefix_sites(self.model)
+        counts = {where: sum(1 for s in sites if s[2] == where) for where in (ENCODER_PREFIX, SELF_PREFIX, CROSS_PREFIX)}
+        if not (dims["hidden"] and dims["heads"]) or not all(counts.values()):
+            raise ValueError(f"The hybrids' prefix on {cls} needs its hidden size and heads (config) and attention "
+                             "modules taking `key_value_states` and a cache in its encoder and decoder (self- and "
+                             f"cross-attention); found {counts}. This architecture is not supported.")
+        head_dim = dims["head_dim"] or dims["hidden"] // dims["heads"]
+        kv_heads = dims["kv_heads"] or dims["heads"]
+        ref = next(self.model.parameters())
+        group = HybridPrefixGroup({where: HybridPrefix(spec, dims["hidden"], n, kv_heads, head_dim)
+                                   for where, n in counts.items()})
+        self.prefix_tuning[adapter_name] = group.to(ref.device)
+        if spec.use_gating:
+            gates = nn.ModuleList()
+            for _ in sites:
+                gate = nn.Linear(dims["hidden"], 1)
+                nn.init.normal_(gate.weight, std=0.02)  # AdapterHub: weight N(0, 0.02), PyTorch's default bias
+                gates.append(gate)
+            self.prefix_gates[adapter_name] = gates.to(ref.device)
+        if not self._hooks:
+            from peftkit.engine.prompting import CACHE_KWARGS, forward_parameters
+
+            for i, (_, attn, where, layer) in enumerate(sites):
+                params = forward_parameters(attn)
+                names = (next(k for k in CACHE_KWARGS if k in params), "mask" if "mask" in params else "attention_mask")
+                self._hooks.append(attn.register_forward_pre_hook(self._seq2seq_hook(i, where, layer, names),
+                                                                  with_kwargs=True))
+
+    def _seq2seq_hook(self, site: int, where: str, layer: int, names: tuple[str, str]):
+        cache_name, mask_name = names
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple]:
+            name = self._active_prefix()
+            if name is None:
+                return None
+            x = args[0] if args else kwargs.get("hidden_states")
+            prefix = self.prefix_tuning[name][where]
+            key, value = prefix.layer_keys_values(layer, x.shape[0], x.dtype)
+            if name in self.prefix_gates:
+                gate = self.prefix_gates[name][site]
+                g = torch.sigmoid(gate(x.to(gate.weight.dtype))).mean(dim=1).view(-1, 1, 1, 1).to(key.dtype)
+                key, value = key * g, value * g
+            kwargs = dict(kwargs)
+            inner = kwargs.get(cache_name)
+            n, mask = key.shape[2], kwargs.get(mask_name)
+            if mask is not None:
+                if not isinstance(mask, torch.Tensor):
+                    raise ValueError(f"The hybrids' prefix on {type(self.model).__name__} needs tensor attention "
+                                     f"masks; {type(mask).__name__} (attention implementation "
+                                     f"{getattr(self.model.config, '_attn_implementation', '?')!r}) is not supported; "
+                                     "use 'eager' or 'sdpa'.")
+                fill = True if mask.dtype == torch.bool else 0
+                kwargs[mask_name] = torch.cat([torch.full((*mask.shape[:-1], n), fill, dtype=mask.dtype,
+                                                          device=mask.device), mask], dim=-1)
+            elif where == SELF_PREFIX and getattr(module, "is_causal", False):
+                # no mask means "causal" to SDPA, aligned top-left: with the prefix in front the mask must be explicit
+                past = 0 if inner is None else int(inner.get_seq_length(getattr(module, "layer_idx", 0) or 0))
+                q = x.shape[1]
+                allowed = torch.arange(past + q, device=x.device)[None, :] <= past + torch.arange(q, device=x.device)[:, None]
+                allowed = torch.cat([torch.ones(q, n, dtype=torch.bool, device=x.device), allowed], dim=1)
+                kwargs[mask_name] = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+                    ~allowed, torch.finfo(x.dtype).min)[None, None]
+            kwargs[cache_name] = _PrefixedCache(inner, key, value, cross=where == CROSS_PREFIX)
+            return args, kwargs
+
+        return hook
 
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         for d in (self.prefix_tuning, self.prefix_gates):
@@ -394,6 +565,21 @@ class HybridModel(AdapterModel):
             if adapter_name in layer.lora_gate:
                 out[where + "gate.weight"], out[where + "gate.bias"] = ours + "lora_gate.weight", ours + "lora_gate.bias"
         paths = {id(m): n for n, m in self.model.named_modules()}
+        if isinstance(self.prefix_tuning[adapter_name] if adapter_name in self.prefix_tuning else None,
+                      HybridPrefixGroup):
+            # encoder-decoder: the pool (all three locations) at the root and again under every attention
+            sites = seq2seq_prefix_sites(self.model)
+            where = [""] + [f"{ah_path(p)}.prefix_tuning.pool." for p, _, _, _ in sites]
+            for rest in self.prefix_tuning[adapter_name].state_dict():
+                for w in where:
+                    out[f"{w}prefix_tuning.prefix_tunings.{ah_name}.{rest}".replace(
+                        "prefix_tuning.pool.prefix_tuning.", "prefix_tuning.pool.")] = f"base_model.prefix_tuning.{rest}"
+            if adapter_name in self.prefix_gates:
+                for i, (p, _, _, _) in enumerate(sites):
+                    for rest in ("weight", "bias"):
+                        out[f"{ah_path(p)}.prefix_tuning.prefix_gates.{ah_name}.{rest}"] = \
+                            f"base_model.prefix_gates.{i}.{rest}"
+            return out
         if adapter_name in self.prefix_tuning:
             # AdapterHub's pool at the root, and the same tensors again under every self-attention layer
             where = [""] + [f"{ah_path(paths[id(a)])}.prefix_tuning.pool." for a in self_attention_modules(self.model)]
@@ -417,4 +603,5 @@ class HybridModel(AdapterModel):
         return out
 
 
-__all__ = ["HybridConfig", "HybridModel", "HybridPrefix", "PrefixSpec", "self_attention_modules"]
+__all__ = ["HybridConfig", "HybridModel", "HybridPrefix", "HybridPrefixGroup", "PrefixSpec", "self_attention_modules",
+           "seq2seq_prefix_sites"]

@@ -11,7 +11,15 @@ Gate init as AdapterHub: weights N(0, 0.02); bias 0 for the bottleneck gate, PyT
 
 Identity at init: **no**, by default (as in AdapterHub): the bottleneck adapter's "bert" init (N(0, 0.02) on both
 projections) and the prefix change the output; LoRA starts at zero. Gates start near 0.5, not closed. A closed-gate
-start is not AdapterHub's default and is not offered here.
+start is not AdapterHub's default and is not offered here. Closed gates (sigmoid -> 0) switch the adapter and LoRA off
+but leave zero prefix keys/values, which still take attention weight: not the base model either.
+
+The gates average over the tokens of each call (padding included), as in AdapterHub: the model is not causal, and a
+cached generation step is gated by its new token alone.
+
+On GPT-2's fused ``c_attn`` the LoRA is AdapterHub's ``LoRAMergedLinear``: factors and a gate output of their own
+for the q and the v thirds (``GatedLoraConfig.fused_qkv_matrices``), the k third untouched. On T5 the LoRA is on q and
+v of every attention (cross-attention included) and the prefix in all three places (see ``engine/hybrid.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ class GatedLoraConfig(LoraConfig):
     """LoRA with AdapterHub's gate (the component of UniPELT; the gate replaces lora_alpha / r)."""
 
     use_gating: bool = True
+    # AdapterHub's LoRA on a fused q/k/v projection (GPT-2's c_attn) adapts only these matrices' thirds, each with its
+    # own factors (and gate); separate q/k/v projections are targeted by name instead
+    fused_qkv_matrices: Optional[list[str]] = field(default_factory=lambda: ["q", "v"])
 
 
 @dataclass

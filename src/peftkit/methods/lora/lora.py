@@ -103,6 +103,15 @@ def _norm_dims(weight: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(1, weight.dim()))
 
 
+def fused_qkv_parts(config: Any, module_name: str, out_features: int) -> tuple[int, ...]:
+    """Which thirds (0 q, 1 k, 2 v) of a fused q/k/v projection get LoRA factors of their own, for a config with
+    ``fused_qkv_matrices`` (AdapterHub's LoRA, e.g. in UniPELT) on GPT-2's ``c_attn``; () otherwise."""
+    matrices = getattr(config, "fused_qkv_matrices", None)
+    if not matrices or module_name.rsplit(".", 1)[-1] != "c_attn" or out_features % 3:
+        return ()
+    return tuple(i for i, m in enumerate("qkv") if m in matrices)
+
+
 class LoraLayer(AdapterLayer):
     """Shared state of every LoRA layer type."""
 
@@ -118,6 +127,7 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_gate = nn.ModuleDict()  # AdapterHub's use_gating (UniPELT): only adapters whose config asks for it
+        self.lora_qkv_parts: dict[str, tuple[int, ...]] = {}  # AdapterHub's LoRA on a fused q/k/v (GPT-2's c_attn)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -137,7 +147,7 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm, self.lora_qkv_parts):
             d.pop(adapter_name, None)
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
@@ -187,8 +197,13 @@ class Linear(LoraLayer):
         r = self._set_hyper(adapter_name, config, module_name)
         base_w = self.get_base_layer().weight
         dtype = adapter_dtype(base_w)
-        a = nn.Linear(self.in_features, r, bias=False, device=base_w.device, dtype=dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=base_w.device, dtype=dtype)
+        parts = fused_qkv_parts(config, module_name, self.out_features)
+        if parts:  # one rank-r factor pair per enabled third (AdapterHub's LoRAMergedLinear): A stacked, B stacked
+            self.lora_qkv_parts[adapter_name] = parts
+        n = len(parts) or 1
+        a = nn.Linear(self.in_features, r * n, bias=False, device=base_w.device, dtype=dtype)
+        b = nn.Linear(r, self.out_features // 3 * n if parts else self.out_features, bias=False, device=base_w.device,
+                      dtype=dtype)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
         init = config.init_lora_weights
         if loading:
@@ -208,7 +223,7 @@ class Linear(LoraLayer):
         else:
             lora_ops.init_factors(a.weight, b.weight, init, r)
         if getattr(config, "use_gating", False):  # Linear(in, 1), weight N(0, 0.02), PyTorch's default bias
-            gate = nn.Linear(self.in_features, 1, device=base_w.device, dtype=dtype)
+            gate = nn.Linear(self.in_features, n, device=base_w.device, dtype=dtype)  # one per part (fused q/k/v)
             nn.init.normal_(gate.weight, std=0.02)
             self.lora_gate[adapter_name] = gate
         if config.use_dora:
@@ -250,6 +265,13 @@ class Linear(LoraLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if adapter_name in self.lora_qkv_parts:  # block-diagonal B over the enabled thirds of the output
+            parts, r = self.lora_qkv_parts[adapter_name], self.r[adapter_name]
+            third = self.out_features // 3
+            full = b.new_zeros(self.out_features, r * len(parts))
+            for i, p in enumerate(parts):
+                full[p * third:(p + 1) * third, i * r:(i + 1) * r] = b[i * third:(i + 1) * third]
+            b = full
         delta = (b @ a) * self.scaling[adapter_name]
         return delta.t() if self.fan_in_fan_out else delta
 
@@ -267,6 +289,8 @@ class Linear(LoraLayer):
         gate = self.lora_gate[adapter_name] if adapter_name in self.lora_gate else None
         if gate is not None:  # the gate replaces lora_alpha / r: mean over the sequence of sigmoid(gate(x))
             scaling = torch.sigmoid(gate(x.to(gate.weight.dtype))).mean(dim=1, keepdim=True).to(x.dtype)
+        if adapter_name in self.lora_qkv_parts:
+            return result + self._fused_qkv_delta(adapter_name, dropout(x), a, b, scaling)
         if not self.use_dora[adapter_name]:
             return lora_ops.lora_linear_add(result, dropout(x), a, b, scaling)
         x_d = dropout(x)
@@ -275,6 +299,18 @@ class Linear(LoraLayer):
         base_out = None if isinstance(dropout, nn.Identity) else F.linear(x_d, weight.to(x.dtype))
         bias = self.get_base_layer().bias
         return lora_ops.dora_linear(result, x_d, weight, bias, a, b, magnitude, scaling, base_out)
+
+    def _fused_qkv_delta(self, adapter_name: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         scaling: Any) -> torch.Tensor:
+        """AdapterHub's LoRA on a fused q/k/v output: part i (of the enabled thirds) gets
+        ``x A_i^T B_i^T * s_i``, s_i = alpha / r or gate output i; the other thirds get nothing."""
+        parts, r, third = self.lora_qkv_parts[adapter_name], self.r[adapter_name], self.out_features // 3
+        h = x @ a.t().to(x.dtype)
+        pieces = [x.new_zeros(*x.shape[:-1], third) for _ in range(3)]
+        for i, p in enumerate(parts):
+            d = h[..., i * r:(i + 1) * r] @ b[i * third:(i + 1) * third].t().to(x.dtype)
+            pieces[p] = d * (scaling[..., i:i + 1] if isinstance(scaling, torch.Tensor) else scaling)
+        return torch.cat(pieces, dim=-1)
 
     # ---- fast paths. ``fast_path`` says which path the last forward took ("fused-lora", "fused-dora",
     # "stacked-mixed", or "reference: <why>"); the first time a layer declines the fused path it logs why at DEBUG.
@@ -299,6 +335,8 @@ class Linear(LoraLayer):
         use_dora = self.use_dora
         if modules["lora_gate"] and any(n in modules["lora_gate"] for n in names):
             return "gated adapter (use_gating)"
+        if self.lora_qkv_parts and any(n in self.lora_qkv_parts for n in names):
+            return "LoRA on slices of a fused q/k/v"
         for n in names:
             if not use_dora[n]:
                 continue
