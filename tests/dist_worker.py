@@ -140,7 +140,15 @@ def run_case(case: str, rank: int, out: str, ref_rank: int = 0) -> None:
     base, fresh = _build(case)
     fresh = _shard(fresh)
     # into the existing adapter (as PEFT's load_adapter on a name the model has; AdaLoRA restores its pruned ranks)
-    fresh.load_adapter(os.path.join(out, "fsdp_saved"), "default")
+    try:
+        fresh.load_adapter(os.path.join(out, "fsdp_saved"), "default")
+    except ValueError as e:  # a reparameterised prompt (P-tuning) cannot take a saved prompt once sharded
+        if "reparameterisation network" not in str(e):
+            raise
+        with open(os.path.join(out, f"load_refused_rank{rank}.txt"), "w") as fh:
+            fh.write(str(e))
+        # what the error says to do: load first, then shard
+        fresh = _shard(peftkit.PeftModel.from_pretrained(base, os.path.join(out, "fsdp_saved"), is_trainable=True))
     fresh.eval()
     with torch.no_grad():
         logits = fresh(input_ids=ids).logits
