@@ -248,6 +248,54 @@ def run_deepspeed(stage: int, rank: int, out: str) -> None:
     save_file(_state(fresh), os.path.join(out, f"loaded_rank{rank}.safetensors"))
 
 
+def run_accelerate_deepspeed(stage: int, rank: int, out: str) -> None:
+    """accelerate's DeepSpeed plugin (ZeRO-``stage``; on CPU: DeepSpeed's CPU accelerator, gloo), optimizer in the
+    DeepSpeed config (accelerate's ``DummyOptim``). Saves with ``unwrap_model(model).save_pretrained`` and with
+    ``accelerator.save_model`` inside ``adapter_only_state_dict``, on every rank."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
+              "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+              "steps_per_print": 10**9}
+    from accelerate import PartialState
+
+    # On a machine without an accelerator, Accelerator(cpu=False) sees one process (no backend: LOCAL_RANK alone does
+    # not make it distributed) and Accelerator(cpu=True) skips DeepSpeed; the process state made first with cpu=True
+    # (gloo, both ranks) and the DeepSpeed plugin on top give DeepSpeed with the right ranks (see docs/distributed.md).
+    PartialState(cpu=True)
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+    _, model = _build("lora")
+    opt = DummyOptim([p for p in model.parameters() if p.requires_grad])
+    engine, opt = accelerator.prepare(model, opt)
+    unwrapped = accelerator.unwrap_model(engine)
+    lora_a = next(p for n, p in unwrapped.named_parameters() if "lora_A" in n)
+    with open(os.path.join(out, f"kind_rank{rank}.txt"), "w") as fh:
+        fh.write(f"{accelerator.distributed_type} {type(engine).__name__} {stage} {tuple(lora_a.shape)} {accelerator.process_index} "
+                 f"{hasattr(lora_a, 'ds_id')}")
+    ids = _batch()[rank * (GLOBAL_BATCH // WORLD):(rank + 1) * (GLOBAL_BATCH // WORLD)]
+    engine.train()
+    for _ in range(STEPS):
+        loss = engine(input_ids=ids, labels=ids).loss
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    unwrapped.save_pretrained(os.path.join(out, "saved"), is_main_process=accelerator.is_main_process)
+    save_file(_state(unwrapped), os.path.join(out, f"gathered_rank{rank}.safetensors"))
+    target = os.path.join(out, "save_model")
+    with unwrapped.adapter_only_state_dict(save_directory=target):
+        accelerator.save_model(engine, target)
+    accelerator.wait_for_everyone()
+    # accelerate refuses a second Accelerator with a DeepSpeed plugin in one process: forget this one (test only)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+
+
 def dist_barrier() -> None:
     import torch.distributed as dist
 
@@ -264,7 +312,9 @@ def worker(rank: int, out: str, cases: list[str], port: int) -> None:
     try:
         for i, case in enumerate(cases):
             try:
-                if case.startswith("deepspeed_zero"):
+                if case.startswith("accelerate_deepspeed_zero"):
+                    run_accelerate_deepspeed(int(case[-1]), rank, os.path.join(out, case))
+                elif case.startswith("deepspeed_zero"):
                     run_deepspeed(int(case[-1]), rank, os.path.join(out, case))
                 elif case.startswith("accelerate_"):
                     run_accelerate(case.split("_", 1)[1], rank, os.path.join(out, case))
