@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dist_worker  # noqa: E402
 
-CASES = ["lora", "dora", "loha", "lokr", "oft", "hra", "miss", "boft", "lora_mts", "seq_bn", "prompt", "ia3"]
+CASES = ["lora", "dora", "loha", "lokr", "oft", "hra", "miss", "boft", "lora_mts", "seq_bn", "prompt", "ia3",
+         "prefix", "p_tuning", "llama_adapter", "mam", "compacter", "ln_tuning", "adalora"]
 try:
     import accelerate  # noqa: F401
 
@@ -63,7 +64,12 @@ def _assert_close(got, want, tol, what):
 
 def _trained_something(ref, case):
     base = peftkit.get_adapter_state_dict(dist_worker._build(case)[1].base_model, "default")
-    moved = max((ref[k] - base[k]).abs().max().item() for k in ref)
+    same = [k for k in ref if k in base and ref[k].shape == base[k].shape]
+    if not same:  # AdaLoRA saves the kept ranks only; its E starts at zero
+        same = [k for k in ref if k.endswith("lora_E")]
+        base = {k: torch.zeros_like(ref[k]) for k in same}
+    assert same, "no adapter tensor to compare with its initial value"
+    moved = max((ref[k] - base[k]).abs().max().item() for k in same)
     assert moved > 1e-4, "training did not change the adapter; the comparison would be vacuous"
 
 
@@ -110,6 +116,9 @@ def test_load_into_fsdp2_sharded_model(runs, case):
     single = peftkit.PeftModel.from_pretrained(MODELS["llama"].build(), d / "fsdp_saved").eval()
     with torch.no_grad():
         want = single(input_ids=dist_worker._batch()).logits
+    # P-tuning's encoder is sharded and a checkpoint holds only its prompt: refused clearly, loaded before sharding
+    for rank in (0, 1):
+        assert (d / f"load_refused_rank{rank}.txt").exists() == (case == "p_tuning"), case
     for rank in (0, 1):
         out = _load(d / f"loaded_out_rank{rank}.safetensors")
         logits = out.pop("logits")
@@ -136,3 +145,23 @@ def test_accelerate_prepare_and_save_pretrained(runs, mode):
     _assert_close(saved, gathered, 0.0, "adapter-only folder")
     loaded = peftkit.PeftModel.from_pretrained(MODELS["llama"].build(), d / "saved")
     _assert_close(peftkit.get_adapter_state_dict(loaded.base_model, "default"), saved, 0.0, "loaded in one process")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_accelerate_save_model_writes_adapter_only_folder(runs, mode):
+    """``accelerator.save_model(model, dir)`` inside ``model.adapter_only_state_dict(save_directory=dir)``, on
+    every rank: accelerate gathers (FSDP2: torch's get_model_state_dict) and writes only the adapter; the folder is
+    peftkit's and loads with from_pretrained, with the outputs of the save_pretrained folder."""
+    pytest.importorskip("accelerate")
+    d = runs / f"accelerate_{mode}"
+    assert sorted(os.listdir(d / "save_model")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    saved = _load(d / "save_model" / "adapter_model.safetensors")
+    _assert_close(saved, _load(d / "gathered_rank0.safetensors"), 0.0, "save_model folder vs gathered adapter")
+    for rank in (0, 1):  # the whole state dict before and after the block, the adapter's 8 tensors inside it
+        full, inside, after = map(int, open(d / f"state_dict_sizes_rank{rank}.txt").read().split())
+        assert inside == 8 and full == after and full > inside, (full, inside, after)
+    ids = dist_worker._batch()
+    with torch.no_grad():
+        got = peftkit.PeftModel.from_pretrained(MODELS["llama"].build(), d / "save_model")(input_ids=ids).logits
+        want = peftkit.PeftModel.from_pretrained(MODELS["llama"].build(), d / "saved")(input_ids=ids).logits
+    assert torch.equal(got, want)

@@ -461,6 +461,18 @@ class PeftModel(nn.Module):
 
         replace_folder(save_directory, write, replaced)
 
+    def adapter_only_state_dict(self, save_directory: Optional[Union[str, os.PathLike]] = None,
+                                is_main_process: Optional[bool] = None) -> Any:
+        """A ``with`` block in which ``state_dict()`` holds only the adapters' tensors (under their usual keys), so
+        that ``accelerator.save_model(model, dir)`` (and ``accelerator.get_state_dict``) save the adapter only, under
+        one process, DDP and FSDP2 alike. With ``save_directory`` (the folder given to ``save_model``), the writing
+        process turns accelerate's ``model.safetensors`` into peftkit's folder on exit (what ``save_pretrained``
+        writes; ``PeftModel.from_pretrained`` loads it). Enter it on every process. Outside it ``state_dict()`` is
+        unchanged. See :mod:`peftkit.integrations.accelerate_save`."""
+        from peftkit.integrations.accelerate_save import adapter_only_state_dict
+
+        return adapter_only_state_dict(self, save_directory, is_main_process)
+
     def push_to_hub(
         self,
         repo_id: str,

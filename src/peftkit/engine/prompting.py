@@ -540,6 +540,28 @@ class PromptLearningModel(AdapterModel):
         """The prompt as saved in a checkpoint (PEFT's method name)."""
         return self.prompt_encoder[adapter_name].export().cpu()
 
+    def checkpoint_tensors_to_load(self, adapter_name: str, tensors: dict[str, torch.Tensor],
+                                   saved_config: Any = None) -> dict[str, torch.Tensor]:
+        """A checkpoint holds the prompt itself (``prompt_embeddings``), not the reparameterisation network (prefix
+        MLP, P-tuning encoder) that computed it: loading it into an existing adapter that still has its network
+        first turns the adapter into the table (:meth:`export_prompt`), which then receives the checkpoint's
+        prompt (copying into the network's output would change nothing)."""
+        from peftkit.integrations.distributed import any_sharded
+
+        module = self.prompt_encoder[adapter_name] if adapter_name in self.prompt_encoder else None
+        value = tensors.get("prompt_embeddings")
+        if module is None or module.is_table or value is None:
+            return tensors
+        if any_sharded(module.parameters()):
+            raise ValueError(
+                f"Adapter {adapter_name!r} computes its prompt with a reparameterisation network whose parameters are "
+                "sharded (FSDP2 / ZeRO-3); a checkpoint holds only the prompt, which cannot replace the sharded "
+                "network. Load the adapter before sharding (PeftModel.from_pretrained(base, path, is_trainable=True), "
+                "then fully_shard), or save and load the network's own parameters.")
+        if tuple(value.shape) == tuple(module.export().shape):  # otherwise the load refuses it, model unchanged
+            self.export_prompt(adapter_name)
+        return tensors
+
     def export_prompt(self, adapter_name: Optional[str] = None) -> None:
         """Replace an adapter's reparameterisation network (prefix MLP, P-tuning encoder) by the prompt it computes,
         so inference runs without it; outputs are unchanged. What a saved-and-loaded adapter holds anyway."""

@@ -352,6 +352,7 @@ class AdaLoraModel(AdapterModel):
         name = adapter_name or self._require_trainable()
         terms = []
         for a, _, b in self.triplets(name).values():
+            a, b = _unsharded(a), _unsharded(b)  # FSDP2: outside the layers' forward A and B are sharded
             for cov in (a @ a.T, b.T @ b):
                 eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
                 terms.append(torch.norm(cov - eye, p="fro"))
@@ -404,6 +405,9 @@ class AdaLoraModel(AdapterModel):
         config = self.peft_config[name]
         allocator = self.rankallocator
         triplets = self.triplets(name)
+        live = _gather_for_budget(triplets)  # FSDP2: the budget works on full copies, written back below
+        if live is not None:
+            triplets, live = live, triplets
         final_start = config.total_step - config.tfinal
         schedule = dict(init_budget=allocator.init_budget, target_budget=allocator.target_budget, tinit=config.tinit,
                         tfinal=config.tfinal, total_step=config.total_step, deltaT=config.deltaT)
@@ -418,6 +422,12 @@ class AdaLoraModel(AdapterModel):
             allocator.reset()
         elif config.rank_pattern:
             apply_rank_pattern(triplets, config.rank_pattern)
+        if live is not None:
+            from peftkit.integrations.distributed import copy_into
+
+            with torch.no_grad():
+                for key, (_, e, _) in triplets.items():
+                    copy_into(live[key][1], e)  # each rank keeps its slice of the masked E
 
     @torch.no_grad()
     def resize_modules_by_rank_pattern(self, rank_pattern: dict[str, list[bool]], adapter_name: str) -> None:
@@ -460,7 +470,8 @@ class AdaLoraModel(AdapterModel):
             if mask is None or stored is None or len(mask) != e.shape[0] or stored.shape[0] != sum(mask) or all(mask):
                 continue
             keep = torch.tensor(mask, dtype=torch.bool)
-            full_a, full_e, full_b = a.new_zeros(a.shape), e.new_zeros(e.shape), b.new_zeros(b.shape)
+            # plain tensors of the full shapes (an FSDP2 DTensor's shape is the full one; its slice is taken on copy)
+            full_a, full_e, full_b = (torch.zeros(tuple(t.shape), dtype=t.dtype) for t in (a, e, b))
             full_a[keep] = out[f"{prefix}{module}.lora_A"].to(a.dtype)
             full_e[keep] = stored.to(e.dtype)
             full_b[:, keep] = out[f"{prefix}{module}.lora_B"].to(b.dtype)
@@ -576,6 +587,36 @@ class AdaLoraStepHook:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def _unsharded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a whole tensor: an FSDP2 ``DTensor`` is gathered (differentiably, a collective on every rank)."""
+    from peftkit.integrations.distributed import is_dtensor
+
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def _gather_for_budget(triplets: dict[str, Triplet]) -> Optional[dict[str, Triplet]]:
+    """Full copies (with full gradients) of FSDP2-sharded triplets for the budget step, or None if none is sharded.
+    Every rank gathers the same tensors in the same order and computes the same masks."""
+    from peftkit.integrations.distributed import full_tensor, is_deepspeed_partitioned, is_dtensor
+
+    params = [p for t in triplets.values() for p in t]
+    if any(is_deepspeed_partitioned(p) for p in params):
+        raise ValueError(
+            "AdaLoRA's update_and_allocate cannot run on DeepSpeed ZeRO-3 partitioned parameters (their gradients "
+            "live in DeepSpeed's optimizer partitions, not in .grad); use ZeRO-2, DDP or FSDP2 for AdaLoRA training.")
+    if not any(is_dtensor(p) for p in params):
+        return None
+    out = {}
+    for key, t in triplets.items():
+        copies = []
+        for p in t:
+            q = full_tensor(p).clone()
+            q.grad = full_tensor(p.grad) if p.grad is not None else None
+            copies.append(q)
+        out[key] = tuple(copies)
+    return out
 
 
 def attach_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, start_step: int = 0) -> AdaLoraStepHook:
