@@ -56,6 +56,7 @@ from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_s
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.integrations import PeftkitCallback
 from peftkit.integrations.quantization import prepare_model_for_kbit_training
+from peftkit.engine.warnings import PeftWarning  # PEFT 0.21 LoRA features (f17a)
 
 __version__ = "0.1.0"
 
@@ -133,4 +134,6 @@ __all__ = [
     "create_loraplus_optimizer",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
+    # PEFT 0.21 LoRA features (f17a)
+    "PeftWarning",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence, Union
 
@@ -22,6 +23,7 @@ from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermo
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
 from peftkit.engine.validation import SCALE_LIMIT, Rule
+from peftkit.engine.warnings import PeftWarning
 from peftkit.kernels import kernels_enabled
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
@@ -52,6 +54,12 @@ class LoraConfig(TargetedConfig):
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA: learn a magnitude per output."})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank, keys are regexes."})
     alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module alpha, keys are regexes."})
+    # ---- PEFT 0.21 LoRA features (drop-in parity, issue 17)
+    lora_bias: bool = field(
+        default=False,
+        metadata={"help": "Give LoRA-B a bias (scaled like B; merged into the base layer's bias). Linear and conv "
+                  "layers only; needs init_lora_weights True or False and no DoRA."},
+    )
 
     # Checked by peftkit.engine.validation before the model is touched (types come from the annotations).
     field_rules: ClassVar[dict[str, Rule]] = {
@@ -92,6 +100,13 @@ class LoraConfig(TargetedConfig):
                              f"{' and rank_pattern=' + str(self.rank_pattern) if self.rank_pattern else ''}.")
         if self.use_dora and (str(init).startswith("pissa") or init == "olora"):
             raise ValueError(f"init_lora_weights={init!r} cannot be combined with use_dora.")
+        if self.lora_bias:
+            if init not in (True, False):
+                raise ValueError(f"LoraConfig.lora_bias=True needs init_lora_weights=True or False, got "
+                                 f"init_lora_weights={init!r}.")
+            if self.use_dora:
+                raise ValueError("LoraConfig.lora_bias=True cannot be combined with use_dora=True (as in PEFT); "
+                                 "set one of them to False.")
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -122,6 +137,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
 
     def _set_hyper(self, adapter_name: str, config: LoraConfig, module_name: str) -> int:
@@ -131,13 +147,14 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
         self.use_dora[adapter_name] = bool(config.use_dora)
+        self.lora_bias[adapter_name] = bool(getattr(config, "lora_bias", False))
         p = float(config.lora_dropout)
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         return r
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm, self.lora_bias):
             d.pop(adapter_name, None)
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
@@ -169,6 +186,74 @@ class LoraLayer(AdapterLayer):
         factor = self._dora_merge_norm.pop(adapter_name)
         return weight / factor - delta
 
+    # ---- lora_bias: LoRA-B's bias (times the scaling) is added to the output and merged into the base bias
+    def _warn_if_bias_unmergeable(self, adapter_name: str) -> None:
+        if self.lora_bias.get(adapter_name) and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                "has no bias. This means that merging LoRA weights won't be possible.",
+                PeftWarning,
+            )
+
+    def bias_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """What merging ``adapter_name`` adds to the base layer's bias (None without lora_bias)."""
+        if not self.lora_bias.get(adapter_name):
+            return None
+        return self.lora_B[adapter_name].bias * self.scaling[adapter_name]
+
+    def merge_refusal(self) -> Optional[str]:
+        if any(self.lora_bias.values()) and getattr(self.get_base_layer(), "bias", None) is None:
+            return ("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias; use the "
+                    "adapter unmerged, or give the base layer a bias before adding the adapter.")
+        return None
+
+    def first_nonfinite_merge(self, adapter_names: Sequence[str]) -> Optional[str]:
+        bad = super().first_nonfinite_merge(adapter_names)
+        if bad is not None:
+            return bad
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if bias is None:
+            return None
+        with torch.no_grad():
+            new = bias.data
+            for name in adapter_names:
+                delta = self.bias_delta(name) if name in self.adapter_configs and name not in self.merged_adapters else None
+                if delta is not None:
+                    new = new + delta.to(new.dtype)
+                    if not torch.isfinite(new).all():
+                        return name
+        return None
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        todo = [n for n in names if n in self.adapter_configs and n not in self.merged_adapters]
+        if any(self.lora_bias.get(n) for n in todo):
+            base = self.get_base_layer()
+            if getattr(base, "bias", None) is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias; "
+                                   "use the adapter unmerged.")
+            if safe_merge and self.first_nonfinite_merge(todo) is not None:
+                raise ValueError(f"NaNs detected in the merged weights: merging adapter {self.first_nonfinite_merge(todo)!r} "
+                                 "would put NaN or inf into the base weights or bias; nothing was changed.")
+        done = len(self.merged_adapters)
+        super().merge(adapter_names, safe_merge=safe_merge)
+        for name in self.merged_adapters[done:]:
+            delta = self.bias_delta(name)
+            if delta is not None:
+                bias = self.get_base_layer().bias
+                with torch.no_grad():
+                    bias.data.add_(delta.to(bias.dtype))
+
+    def unmerge(self) -> None:
+        merged = list(self.merged_adapters)
+        super().unmerge()
+        for name in merged:
+            delta = self.bias_delta(name)
+            if delta is not None:
+                bias = self.get_base_layer().bias
+                with torch.no_grad():
+                    bias.data.sub_(delta.to(bias.dtype))
+
 
 class Linear(LoraLayer):
     """LoRA on ``nn.Linear`` or transformers' ``Conv1D`` (weight stored as in x out, ``fan_in_fan_out``)."""
@@ -188,9 +273,12 @@ class Linear(LoraLayer):
         base_w = self.get_base_layer().weight
         dtype = adapter_dtype(base_w)
         a = nn.Linear(self.in_features, r, bias=False, device=base_w.device, dtype=dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=base_w.device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=self.lora_bias[adapter_name], device=base_w.device, dtype=dtype)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+        self._warn_if_bias_unmergeable(adapter_name)
         init = config.init_lora_weights
+        if b.bias is not None and (loading or init is not False):
+            nn.init.zeros_(b.bias)  # init_lora_weights=False keeps nn.Linear's random bias (as in PEFT)
         if loading:
             nn.init.zeros_(b.weight)  # overwritten by the checkpoint; keep creation cheap and data-independent
         elif isinstance(init, str) and init.startswith("pissa"):
@@ -268,7 +356,9 @@ class Linear(LoraLayer):
         if gate is not None:  # the gate replaces lora_alpha / r: mean over the sequence of sigmoid(gate(x))
             scaling = torch.sigmoid(gate(x.to(gate.weight.dtype))).mean(dim=1, keepdim=True).to(x.dtype)
         if not self.use_dora[adapter_name]:
-            return lora_ops.lora_linear_add(result, dropout(x), a, b, scaling)
+            out = lora_ops.lora_linear_add(result, dropout(x), a, b, scaling)
+            b_bias = self.lora_B[adapter_name].bias
+            return out if b_bias is None else out + (b_bias * scaling).to(out.dtype)
         x_d = dropout(x)
         weight = self._oriented_base_weight()
         magnitude = self.lora_magnitude_vector[adapter_name]
@@ -299,6 +389,8 @@ class Linear(LoraLayer):
         use_dora = self.use_dora
         if modules["lora_gate"] and any(n in modules["lora_gate"] for n in names):
             return "gated adapter (use_gating)"
+        if any(self.lora_bias.get(n) for n in names):
+            return "lora_bias (LoRA-B has a bias)"
         for n in names:
             if not use_dora[n]:
                 continue
@@ -354,8 +446,8 @@ class Linear(LoraLayer):
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = [n for n in batch.groups if n != BASE_ADAPTER and n in self.adapter_configs]
-        if any(self.use_dora[n] for n in names) or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
-            self._set_path("reference: mixed batch with DoRA or active dropout")
+        if any(self.use_dora[n] or self.lora_bias.get(n) for n in names) or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
+            self._set_path("reference: mixed batch with DoRA, lora_bias or active dropout")
             return super().forward_mixed(x, batch, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if not names:
@@ -381,6 +473,9 @@ class Embedding(LoraLayer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
+        if getattr(config, "lora_bias", False):
+            raise ValueError(f"lora_bias=True is not supported for nn.Embedding ({module_name}), as in PEFT; exclude "
+                             "it from target_modules or set lora_bias=False.")
         r = self._set_hyper(adapter_name, config, module_name)
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
@@ -446,15 +541,18 @@ class ConvNd(LoraLayer):
         a = self._conv_cls(self.in_features, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation,
                            bias=False, device=base.weight.device, dtype=dtype)
         # grouped base convolution (as in PEFT): A mixes all input channels, B maps rank to outputs per group
-        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, groups=base.groups, bias=False,
-                           device=base.weight.device, dtype=dtype)
+        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, groups=base.groups,
+                           bias=self.lora_bias[adapter_name], device=base.weight.device, dtype=dtype)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+        self._warn_if_bias_unmergeable(adapter_name)
+        if b.bias is not None and (loading or config.init_lora_weights is not False):
+            nn.init.zeros_(b.bias)
         if loading:
             nn.init.zeros_(b.weight)
         else:
             lora_ops.init_factors(a.weight, b.weight, config.init_lora_weights, r)
         if config.use_dora:
-            weight = base.weight + self.delta_weight(adapter_name).to(base.weight.dtype)
+            weight = base.weight + self._flat_delta(adapter_name).to(base.weight.dtype)
             norm = weight.norm(p=2, dim=_norm_dims(weight), keepdim=True).transpose(1, 0)
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.detach().to(dtype))
 
@@ -463,11 +561,19 @@ class ConvNd(LoraLayer):
         if groups > 1:
             return (f"LoRA on a grouped convolution (groups={groups}) cannot be merged into its weight (as in PEFT); "
                     "use it unmerged.")
-        return None
+        return super().merge_refusal()
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        if self.merge_refusal():
-            raise NotImplementedError(self.merge_refusal())
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            raise NotImplementedError(f"LoRA on a grouped convolution (groups={groups}) cannot be merged into its "
+                                      "weight (as in PEFT); use it unmerged.")
+        return self._flat_delta(adapter_name)
+
+    def _flat_delta(self, adapter_name: str) -> torch.Tensor:
+        """scaling * (B viewed as (-1, r)) @ (A viewed as (r, -1)), in the base weight's shape: the delta weight for
+        groups=1. For a grouped convolution it is not the layer's delta (that one has no dense form here) but the
+        term DoRA's weight norm uses, the same as PEFT's, so magnitudes trained there transfer unchanged."""
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         r = a.shape[0]
         base_shape = self.get_base_layer().weight.shape
@@ -488,7 +594,7 @@ class ConvNd(LoraLayer):
             return result + lora
         base = self.get_base_layer()
         weight = base.weight
-        adapted = weight + self.delta_weight(adapter_name).detach().to(weight.dtype)
+        adapted = weight + self._flat_delta(adapter_name).detach().to(weight.dtype)
         norm = adapted.norm(p=2, dim=_norm_dims(adapted), keepdim=True).transpose(1, 0).detach()
         factor = (self.lora_magnitude_vector[adapter_name] / norm).to(result.dtype)
         if isinstance(dropout, nn.Identity):
@@ -513,10 +619,11 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
     elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if base.groups != 1:
             ranks = {pattern_value(config.rank_pattern, module_name, config.r)}
-            if any(r % base.groups for r in ranks) or config.use_dora:
+            if any(r % base.groups for r in ranks):
                 raise ValueError(
                     f"LoRA on the grouped convolution {module_name} (groups={base.groups}) needs a rank divisible by "
-                    f"groups and no DoRA; got r={ranks.pop()}{', use_dora=True' if config.use_dora else ''}."
+                    f"groups (as in PEFT 0.21); got r={ranks.pop()}. Choose such a rank (rank_pattern can set it for "
+                    "this layer) or exclude the layer from target_modules."
                 )
         layer = ConvNd(target)
     else:
