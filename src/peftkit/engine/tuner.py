@@ -176,7 +176,13 @@ class AdapterModel(nn.Module):
         return tensors
 
     # ------------------------------------------------------------------------------------------ injection
+    def inject_parameter_targets(self, adapter_name: str, config: TargetedConfig, loading: bool = False) -> int:
+        """Adapters on bare parameters (LoRA's ``target_parameters``); how many were added. None by default."""
+        return 0
+
     def _resolve_targets(self, config: TargetedConfig, spec: MethodSpec) -> TargetedConfig:
+        if config.target_modules is None and getattr(config, "target_parameters", None):
+            return config  # only parameters are targeted (as PEFT allows)
         if config.target_modules is None:
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             defaults = spec.default_target_modules.get(model_type) if model_type else None
@@ -234,7 +240,8 @@ class AdapterModel(nn.Module):
         self.peft_config[adapter_name] = config
 
         try:
-            targets = find_targets(self.model, config)
+            only_params = not config.target_modules and getattr(config, "target_parameters", None)
+            targets = [] if only_params else find_targets(self.model, config)
             for name in targets:  # before any allocation: a rank beyond the layer size is refused
                 check_rank_against_layer(config, name, self.model.get_submodule(name))
             _warn_unmatched_patterns(config, targets)
@@ -260,6 +267,7 @@ class AdapterModel(nn.Module):
                 parent, attr = _get_parent(self.model, name)
                 setattr(parent, attr, layer)
                 wrapped += 1
+            wrapped += self.inject_parameter_targets(adapter_name, config, loading=loading)
             if wrapped == 0:
                 raise ValueError(
                     f"{spec.peft_type} cannot adapt any of the modules that target_modules matched: {', '.join(skipped[:10])}. "
@@ -520,7 +528,10 @@ class AdapterModel(nn.Module):
                     )
                 chosen[path] = owners[0] if owners else None
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        for name, layer in list(self.adapter_layers()):
+        layers = list(self.adapter_layers())
+        for name, layer in layers:
+            if any(name.startswith(outer + ".") for outer, _ in layers):
+                continue  # nested in another adapter layer (LoRA's target_parameters): unwrapped with it
             parent, attr = _get_parent(self.model, name)
             setattr(parent, attr, layer.get_base_layer())
         for name, wrapper in list(self.modules_to_save_wrappers()):

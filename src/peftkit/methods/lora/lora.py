@@ -55,6 +55,12 @@ class LoraConfig(TargetedConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank, keys are regexes."})
     alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module alpha, keys are regexes."})
     # ---- PEFT 0.21 LoRA features (drop-in parity, issue 17)
+    target_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Parameters (not modules) to adapt, e.g. ['experts.gate_up_proj'] for MoE expert tensors: "
+                  "full names or their '.'-suffixes; 2-d (out, in) or 3-d (experts, ., .) tensors. Set "
+                  "target_modules=[] (or leave it unset) to adapt parameters only."},
+    )
     lora_bias: bool = field(
         default=False,
         metadata={"help": "Give LoRA-B a bias (scaled like B; merged into the base layer's bias). Linear and conv "
@@ -100,6 +106,11 @@ class LoraConfig(TargetedConfig):
                              f"{' and rank_pattern=' + str(self.rank_pattern) if self.rank_pattern else ''}.")
         if self.use_dora and (str(init).startswith("pissa") or init == "olora"):
             raise ValueError(f"init_lora_weights={init!r} cannot be combined with use_dora.")
+        if isinstance(self.target_parameters, str):
+            raise TypeError("LoraConfig.target_parameters must be a list of parameter names (e.g. ['lin0.weight']) "
+                            "or None, not a string.")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
         if self.lora_bias:
             if init not in (True, False):
                 raise ValueError(f"LoraConfig.lora_bias=True needs init_lora_weights=True or False, got "
@@ -634,6 +645,11 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
 
 class LoraModel(AdapterModel):
     """The engine plus LoRA-only operations (weighted combination of adapters)."""
+
+    def inject_parameter_targets(self, adapter_name: str, config: LoraConfig, loading: bool = False) -> int:
+        from peftkit.methods.lora.param_wrapper import inject_parameter_targets
+
+        return inject_parameter_targets(self, adapter_name, config, loading=loading)
 
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the
