@@ -290,6 +290,17 @@ class AdapterModel(nn.Module):
             for p, flag in existing_flags:
                 p.requires_grad_(flag)
 
+    def _drop_wrappers(self, only_empty: bool = False) -> None:
+        """Replace auxiliary wrappers (modules with ``unwrapped()``, e.g. LoRA's trainable-token embeddings) by
+        the module they wrap; ``only_empty``: only those whose adapter layer has been removed."""
+        for name, module in list(self.model.named_modules()):
+            if not name or not callable(getattr(type(module), "unwrapped", None)):
+                continue
+            if only_empty and any(isinstance(m, AdapterLayer) for m in module.children()):
+                continue
+            parent, attr = _get_parent(self.model, name)
+            setattr(parent, attr, module.unwrapped())
+
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection so that the model is as it was before."""
         self.peft_config.pop(adapter_name, None)
@@ -299,6 +310,7 @@ class AdapterModel(nn.Module):
             if not layer.adapter_configs:
                 parent, attr = _get_parent(self.model, name)
                 setattr(parent, attr, layer.base_layer)
+        self._drop_wrappers(only_empty=True)
         for name, wrapper in list(self.modules_to_save_wrappers()):
             wrapper.delete_adapter(adapter_name)
             if len(wrapper.modules_to_save) == 0:
@@ -534,6 +546,7 @@ class AdapterModel(nn.Module):
                 continue  # nested in another adapter layer (LoRA's target_parameters): unwrapped with it
             parent, attr = _get_parent(self.model, name)
             setattr(parent, attr, layer.get_base_layer())
+        self._drop_wrappers()
         for name, wrapper in list(self.modules_to_save_wrappers()):
             parent, attr = _get_parent(self.model, name)
             owner = chosen.get(name)

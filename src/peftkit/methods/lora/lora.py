@@ -61,6 +61,16 @@ class LoraConfig(TargetedConfig):
                   "full names or their '.'-suffixes; 2-d (out, in) or 3-d (experts, ., .) tensors. Set "
                   "target_modules=[] (or leave it unset) to adapt parameters only."},
     )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Train only these rows of an embedding (e.g. new tokens): a list of token ids (the input "
+                  "embedding) or {layer name: ids}. A layer tied to the input embedding follows it."},
+    )
+    ensure_weight_tying: bool = field(
+        default=False,
+        metadata={"help": "With trainable_token_indices on a model with tied embeddings: require the tied layers to "
+                  "share the trained rows (indices given for both must agree); warn if the model has no tie."},
+    )
     lora_bias: bool = field(
         default=False,
         metadata={"help": "Give LoRA-B a bias (scaled like B; merged into the base layer's bias). Linear and conv "
@@ -648,8 +658,10 @@ class LoraModel(AdapterModel):
 
     def inject_parameter_targets(self, adapter_name: str, config: LoraConfig, loading: bool = False) -> int:
         from peftkit.methods.lora.param_wrapper import inject_parameter_targets
+        from peftkit.methods.lora.trainable_tokens import inject_trainable_tokens
 
-        return inject_parameter_targets(self, adapter_name, config, loading=loading)
+        count = inject_parameter_targets(self, adapter_name, config, loading=loading)
+        return count + inject_trainable_tokens(self, adapter_name, config, loading=loading)
 
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the

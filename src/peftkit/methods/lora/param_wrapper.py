@@ -172,6 +172,9 @@ class ParamWrapper(AdapterLayer):
         raise ValueError(f"adapter_names= (one adapter per row) is not supported for LoRA on a parameter "
                          f"({self.parameter_name}, target_parameters), as in PEFT; use one adapter per call.")
 
+    def __repr__(self) -> str:  # PEFT's repr names the family: lora.ParamWrapper(...)
+        return "lora." + super().__repr__()
+
     def extra_repr(self) -> str:
         return (f"parameter_name={self.parameter_name!r}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, num_experts={self.num_experts}, " + super().extra_repr())
