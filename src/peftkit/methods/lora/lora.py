@@ -663,6 +663,15 @@ class LoraModel(AdapterModel):
         count = inject_parameter_targets(self, adapter_name, config, loading=loading)
         return count + inject_trainable_tokens(self, adapter_name, config, loading=loading)
 
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        from peftkit.methods.lora.trainable_tokens import TrainableTokensWrapper
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for path, module in self.model.named_modules():  # checked before anything changes
+            if isinstance(module, TrainableTokensWrapper):
+                module.check_set_adapter(names, path)
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the
         base weights become the residual of W's SVD so that loading onto the original base model reproduces it."""

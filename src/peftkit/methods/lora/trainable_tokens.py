@@ -212,6 +212,21 @@ class TrainableTokensWrapper(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.token_adapter(x, *args, **kwargs)
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters that have trainable tokens here."""
+        layer = self.token_adapter
+        if not isinstance(layer, TrainableTokensLayer):
+            return []
+        return [n for n in layer.active_adapters if n in layer.token_indices]
+
+    def check_set_adapter(self, names: Sequence[str], path: str = "") -> None:
+        layer = self.token_adapter
+        held = [n for n in names if isinstance(layer, TrainableTokensLayer) and n in layer.token_indices]
+        if len(held) > 1 and layer.tied_adapter is None:
+            raise ValueError(f"Only one adapter can be set at a time for TrainableTokensWrapper ({path or 'embedding'}"
+                             f"), got {held}: each has its own trained rows here. Activate them one at a time.")
+
     def unwrapped(self) -> nn.Module:
         """What replaces this wrapper when the adapters are unloaded (merged first, if asked, by the engine)."""
         layer = self.token_adapter
