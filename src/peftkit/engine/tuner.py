@@ -304,7 +304,7 @@ class AdapterModel(nn.Module):
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection so that the model is as it was before."""
         self.peft_config.pop(adapter_name, None)
-        for name, layer in list(self.adapter_layers()):
+        for name, layer in reversed(list(self.adapter_layers())):  # innermost first (nested layers)
             if adapter_name in layer.adapter_configs or any(adapter_name in getattr(layer, s) for s in layer.adapter_slots):
                 layer.delete_adapter(adapter_name)
             if not layer.adapter_configs:
@@ -419,7 +419,7 @@ class AdapterModel(nn.Module):
         for _, layer in self.adapter_layers():
             if adapter_name not in layer.adapter_configs:
                 continue
-            dtype = layer.get_base_layer().weight.dtype
+            dtype = layer._weight_param().dtype  # the adapted tensor (a bare parameter, MHA's in_proj_weight)
             if not dtype.is_floating_point:
                 continue
             for _, p in layer.adapter_parameters(adapter_name):
@@ -540,10 +540,9 @@ class AdapterModel(nn.Module):
                     )
                 chosen[path] = owners[0] if owners else None
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        layers = list(self.adapter_layers())
-        for name, layer in layers:
-            if any(name.startswith(outer + ".") for outer, _ in layers):
-                continue  # nested in another adapter layer (LoRA's target_parameters): unwrapped with it
+        # innermost first: a layer nested in another (LoRA's target_parameters, nn.MultiheadAttention's out_proj)
+        # is unwrapped while its parent path still exists
+        for name, layer in reversed(list(self.adapter_layers())):
             parent, attr = _get_parent(self.model, name)
             setattr(parent, attr, layer.get_base_layer())
         self._drop_wrappers()

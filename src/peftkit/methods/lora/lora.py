@@ -627,6 +627,107 @@ class ConvNd(LoraLayer):
         return result + (factor - 1) * base_out + factor * lora
 
 
+class _MhaOutProj(Linear):
+    """The LoRA layer on an ``nn.MultiheadAttention``'s out_proj. Its delta counts twice: PEFT 0.21 adds the
+    out_proj delta to the weight and then merges the out_proj layer as well (in every forward and in merges), so a
+    PEFT-trained adapter holds factors for 2 * scaling * B @ A; doubling here keeps outputs identical given the
+    same checkpoint (see README, departures)."""
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return 2 * super().delta_weight(adapter_name)
+
+
+class MultiheadAttention(LoraLayer):
+    """LoRA on ``nn.MultiheadAttention`` (as PEFT): one adapter on the packed input projection ``in_proj_weight``
+    (A: r x embed_dim, B: 3*embed_dim x r) and one on ``out_proj`` (a LoRA :class:`Linear` put in its place). The
+    module's own forward runs unchanged while both weights read as ``W + delta`` (a parametrization held for the
+    call), so gradients reach the factors. Only ``_qkv_same_embed_dim`` modules (query, key, value of one size).
+    Checkpoint keys: ``<m>.lora_A.weight``, ``<m>.lora_B.weight``, ``<m>.base_layer.out_proj.lora_A.weight``, ..."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        if not base._qkv_same_embed_dim:
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) needs query, key and value of the same "
+                             "size (kdim = vdim = embed_dim), as in PEFT; exclude this module from target_modules.")
+        if not isinstance(innermost_base(base.out_proj), nn.Linear):
+            raise TypeError(f"LoRA on nn.MultiheadAttention ({module_name}) needs out_proj to be an nn.Linear.")
+        self.in_features, self.out_features = base.embed_dim, 3 * base.embed_dim
+        if not isinstance(base.out_proj, LoraLayer):
+            base.out_proj = _MhaOutProj(base.out_proj, fan_in_fan_out=False)
+
+    def __getattr__(self, name: str) -> Any:  # embed_dim, num_heads, batch_first, ... of the wrapped module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(innermost_base(self._modules["base_layer"]), name)
+
+    @property
+    def out_proj_layer(self) -> "Linear":
+        return self.get_base_layer().out_proj
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
+        if config.use_dora:
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) does not support DoRA (as in PEFT); set "
+                             "use_dora=False or exclude this module.")
+        if getattr(config, "lora_bias", False):
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) does not support lora_bias=True.")
+        init = config.init_lora_weights
+        if init not in (True, False, "gaussian"):
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) supports init_lora_weights True, False "
+                             f"or 'gaussian', got {init!r}.")
+        r = self._set_hyper(adapter_name, config, module_name)
+        w = self.get_base_layer().in_proj_weight
+        dtype = adapter_dtype(w)
+        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        if loading:
+            nn.init.zeros_(b.weight)
+        else:
+            lora_ops.init_factors(a.weight, b.weight, init, r)
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+        out = self.out_proj_layer
+        out.update_layer(adapter_name, config, module_name=f"{module_name}.out_proj" if module_name else "out_proj",
+                         loading=loading)
+        out.adapter_configs[adapter_name] = config
+
+    def _weight_param(self) -> nn.Parameter:
+        return self.get_base_layer().in_proj_weight
+
+    def _base_weight_matrix(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return (b @ a) * self.scaling[adapter_name]
+
+    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
+        super().set_adapter(names, inference_mode=inference_mode)
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+        from peftkit.methods.lora.param_wrapper import added_delta
+
+        base = self.get_base_layer()
+        w = base.in_proj_weight
+        delta_in = sum(self.delta_weight(n).to(w.dtype) for n in names)
+        out = self.out_proj_layer
+        out_names = [n for n in out.active_adapters if n in out.adapter_configs and n not in out.merged_adapters
+                     and not out.adapters_disabled]
+        out_base = out.get_base_layer()
+        delta_out = sum(out.delta_weight(n).to(out_base.weight.dtype) for n in out_names) if out_names else None
+        with added_delta(base, "in_proj_weight", delta_in), added_delta(out_base, "weight", delta_out):
+            return self.base_layer(x, *args, **kwargs)
+
+    def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("lora.MultiheadAttention does not support mixed adapter batches (adapter_names=, one "
+                        "adapter per row), as in PEFT; use one adapter per call.")
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
 def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> Optional[LoraLayer]:
     base = innermost_base(target)
     if isinstance(base, nn.Linear):
@@ -637,6 +738,8 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
         layer = Linear(target, fan_in_fan_out=True)
     elif isinstance(base, nn.Embedding):
         layer = Embedding(target)
+    elif isinstance(base, nn.MultiheadAttention):
+        layer = MultiheadAttention(target, module_name=module_name)
     elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if base.groups != 1:
             ranks = {pattern_value(config.rank_pattern, module_name, config.r)}

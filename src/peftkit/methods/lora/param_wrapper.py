@@ -38,6 +38,33 @@ class _AddDelta(nn.Module):
         return weight + self.delta.to(weight.dtype)
 
 
+@contextmanager
+def added_delta(module: nn.Module, pname: str, delta: Optional[torch.Tensor]) -> Iterator[None]:
+    """For the duration of the block, ``module.<pname>`` reads as the parameter plus ``delta`` (a
+    ``torch.nn.utils.parametrize`` parametrization, removed afterwards; the parameter object itself is kept, so
+    optimizers and state dicts are unaffected). ``delta=None``: no change."""
+    if delta is None:
+        yield
+        return
+    requires_grad = (module.parametrizations[pname].original if parametrize.is_parametrized(module, pname)
+                     else getattr(module, pname)).requires_grad
+    proxy = _AddDelta(delta)
+    parametrize.register_parametrization(module, pname, proxy, unsafe=True)
+    module.parametrizations[pname].original.requires_grad_(requires_grad)
+    try:
+        with parametrize.cached():
+            yield
+    finally:
+        plist = module.parametrizations[pname]
+        if len(plist) == 1:
+            parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+        else:  # another parametrization (e.g. weight norm, or an outer wrapper's) stays in place
+            for i in reversed(range(len(plist))):
+                if plist[i] is proxy:
+                    del plist[i]
+                    break
+
+
 class ParamWrapper(AdapterLayer):
     """LoRA on the parameter ``parameter_name`` of the wrapped module (see the module docstring)."""
 
@@ -138,39 +165,21 @@ class ParamWrapper(AdapterLayer):
         return delta.to(param.dtype) if param.dtype.is_floating_point else delta
 
     # ------------------------------------------------------------------------------------------- forward
-    @contextmanager
-    def _parametrized(self, names: Sequence[str]) -> Iterator[None]:
+    def _parametrized(self, names: Sequence[str]):
         delta = None
         for n in names:
             d = self.delta_weight(n)
             delta = d if delta is None else delta + d
-        base = self.get_base_layer()
-        pname = self.parameter_name
-        original = self._weight_param()
-        requires_grad = original.requires_grad
-        proxy = _AddDelta(delta)
-        parametrize.register_parametrization(base, pname, proxy, unsafe=True)
-        base.parametrizations[pname].original.requires_grad_(requires_grad)
-        try:
-            with parametrize.cached():
-                yield
-        finally:
-            plist = base.parametrizations[pname]
-            if len(plist) == 1:
-                parametrize.remove_parametrizations(base, pname, leave_parametrized=False)
-            else:  # another parametrization (e.g. weight norm, or an outer wrapper's) stays in place
-                for i in reversed(range(len(plist))):
-                    if plist[i] is proxy:
-                        del plist[i]
-                        break
+        return added_delta(self.get_base_layer(), self.parameter_name, delta)
 
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
         with self._parametrized(names):
             return self.base_layer(x, *args, **kwargs)
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> Any:
-        raise ValueError(f"adapter_names= (one adapter per row) is not supported for LoRA on a parameter "
-                         f"({self.parameter_name}, target_parameters), as in PEFT; use one adapter per call.")
+        raise ValueError(f"lora.ParamWrapper does not support mixed adapter batches yet (adapter_names=, one "
+                         f"adapter per row; parameter {self.parameter_name}, target_parameters), as in PEFT; use one "
+                         "adapter per call.")
 
     def __repr__(self) -> str:  # PEFT's repr names the family: lora.ParamWrapper(...)
         return "lora." + super().__repr__()
