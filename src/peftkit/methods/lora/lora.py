@@ -71,6 +71,26 @@ class LoraConfig(TargetedConfig):
         metadata={"help": "With trainable_token_indices on a model with tied embeddings: require the tied layers to "
                   "share the trained rows (indices given for both must agree); warn if the model has no tie."},
     )
+    # PEFT 0.21 LoraConfig fields of features peftkit does not have: accepted at their "unused" value (so that
+    # configs and adapter_config.json files written by PEFT load), refused with a clear error otherwise
+    # (see _UNSUPPORTED_LORA_FIELDS).
+    layer_replication: Optional[list[tuple[int, int]]] = field(default=None, metadata={"help": "Not supported."})
+    use_qalora: bool = field(default=False, metadata={"help": "Not supported (QA-LoRA)."})
+    qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA's group size (unused)."})
+    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "Not supported (aLoRA)."})
+    use_bdlora: Optional[Any] = field(default=None, metadata={"help": "Not supported (BD-LoRA)."})
+    velora_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (VeLoRA)."})
+    kasa_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (KaSA)."})
+    monteclora_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (MonteCLoRA)."})
+    arrow_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (Arrow routing)."})
+    lora_ga_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (LoRA-GA)."})
+    megatron_config: Optional[dict] = field(default=None, metadata={"help": "Not supported (Megatron-LM layers)."})
+    megatron_core: Optional[str] = field(default="megatron.core", metadata={"help": "Megatron module (unused)."})
+    auto_mapping: Optional[dict] = field(default=None, metadata={"help": "Written by PEFT for custom model classes; "
+                                                                        "kept as metadata."})
+    runtime_config: Optional[Any] = field(
+        default=None, metadata={"help": "PEFT's LoraRuntimeConfig (ephemeral_gpu_offload); not saved. Offloading is "
+                                "not supported: only ephemeral_gpu_offload=False is accepted."})
     lora_bias: bool = field(
         default=False,
         metadata={"help": "Give LoRA-B a bias (scaled like B; merged into the base layer's bias). Linear and conv "
@@ -86,6 +106,11 @@ class LoraConfig(TargetedConfig):
         "alpha_pattern": Rule(type=dict[str, float], regex_keys=True, each=Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT)),
     }
     rank_fields: ClassVar[tuple[str, ...]] = ("r",)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("runtime_config", None)  # a runtime setting, not written to adapter_config.json (as in PEFT)
+        return out
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
@@ -116,6 +141,16 @@ class LoraConfig(TargetedConfig):
                              f"{' and rank_pattern=' + str(self.rank_pattern) if self.rank_pattern else ''}.")
         if self.use_dora and (str(init).startswith("pissa") or init == "olora"):
             raise ValueError(f"init_lora_weights={init!r} cannot be combined with use_dora.")
+        for name, what in _UNSUPPORTED_LORA_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and value is not False:
+                raise ValueError(f"LoraConfig.{name}={value!r}: {what} is not supported by peftkit; leave "
+                                 f"{name} unset (None/False), or use Hugging Face PEFT for this variant.")
+        offload = (self.runtime_config.get("ephemeral_gpu_offload") if isinstance(self.runtime_config, dict)
+                   else getattr(self.runtime_config, "ephemeral_gpu_offload", False))
+        if offload:
+            raise ValueError("LoraConfig.runtime_config: ephemeral_gpu_offload=True is not supported by peftkit (no "
+                             "CPU-offloaded bases); leave it False.")
         if isinstance(self.target_parameters, str):
             raise TypeError("LoraConfig.target_parameters must be a list of parameter names (e.g. ['lin0.weight']) "
                             "or None, not a string.")
@@ -128,6 +163,20 @@ class LoraConfig(TargetedConfig):
             if self.use_dora:
                 raise ValueError("LoraConfig.lora_bias=True cannot be combined with use_dora=True (as in PEFT); "
                                  "set one of them to False.")
+
+
+_UNSUPPORTED_LORA_FIELDS = {
+    "layer_replication": "layer replication (stacking copies of base layers)",
+    "use_qalora": "QA-LoRA (quantisation-aware LoRA)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "BD-LoRA (block-diagonal LoRA)",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing of LoRA experts",
+    "lora_ga_config": "LoRA-GA initialisation",
+    "megatron_config": "LoRA on Megatron-LM parallel layers",
+}
 
 
 # ------------------------------------------------------------------------------------------------ math
