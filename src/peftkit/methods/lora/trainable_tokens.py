@@ -72,9 +72,10 @@ class TrainableTokensLayer(AdapterLayer):
             self.trainable_tokens_delta = nn.ParameterDict()
             self.trainable_tokens_original = _Originals()
             self.token_indices: dict[str, list[int]] = {}
-        else:  # the same containers (not copies): one set of rows for both tied layers
-            self.__dict__["trainable_tokens_delta"] = tied_to.trainable_tokens_delta
-            self.__dict__["trainable_tokens_original"] = tied_to.trainable_tokens_original
+        else:  # the same containers (not copies): one set of rows for both tied layers (in the model's
+            # state_dict under both paths, as in PEFT; saved once, under the embedding)
+            self.trainable_tokens_delta = tied_to.trainable_tokens_delta
+            self.trainable_tokens_original = tied_to.trainable_tokens_original
             self.token_indices = tied_to.token_indices
 
     @property
