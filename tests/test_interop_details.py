@@ -124,10 +124,10 @@ def test_unknown_config_keys_warn_but_peft_null_keys_do_not(tmp_path, caplog):
     assert "future_feature" in warnings[0] and "use_quantum" in warnings[0]
 
     # a PEFT LoraConfig field of a feature peftkit lacks, in use: refused by name (loading it would change outputs)
-    written["layer_replication"] = [[0, 1]]
+    written["use_bdlora"] = {"lora_a_is_blockdiagonal": True}
     with open(tmp_path / "adapter_config.json", "w", encoding="utf-8") as fh:
         json.dump(written, fh)
-    with pytest.raises(ValueError, match="layer_replication.*not supported"):
+    with pytest.raises(ValueError, match="use_bdlora.*not supported"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
 
 

@@ -434,7 +434,7 @@ def test_every_peft_lora_config_field_exists():
 @pytest.mark.parametrize("field, value", [
     ("use_bdlora", {"a_only": True}), ("velora_config", {"num_groups": 2}), ("kasa_config", {}),
     ("monteclora_config", {"num_samples": 2}), ("arrow_config", {"top_k": 2}), ("use_qalora", True),
-    ("alora_invocation_tokens", [1, 2]), ("layer_replication", [[0, 1]]), ("megatron_config", {"x": 1}),
+    ("alora_invocation_tokens", [1, 2]), ("megatron_config", {"x": 1}),
     ("lora_ga_config", {"batch_size": 2}),
 ])
 def test_unsupported_lora_variants_are_refused_by_name(field, value):
@@ -452,3 +452,29 @@ def test_peft_written_config_with_new_fields_round_trips(tmp_path):
     assert ours.lora_bias is True and ours.trainable_token_indices == {"emb": [1]}
     assert ours.target_parameters == ["lin1.weight"]
     assert "runtime_config" not in ours.to_dict()
+
+
+# -------------------------------------------------------------------------------------- layer_replication
+def test_layer_replication_matches_peft(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32)
+    base = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(2))
+    ours, theirs = _both(base, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                         layer_replication=[[0, 2], [1, 3]])
+    layers = ours.base_model.model.model.layers
+    assert len(layers) == 4 and ours.base_model.model.config.num_hidden_layers == 4
+    # layers 1 and 2 are copies of original layer 1: shared base weight, separate adapters
+    assert layers[1].self_attn.q_proj.base_layer.weight is layers[2].self_attn.q_proj.base_layer.weight
+    assert layers[1].self_attn.q_proj.lora_A["default"].weight is not layers[2].self_attn.q_proj.lora_A["default"].weight
+    _copy_into_ours(ours, theirs)
+    logits = lambda m, x: m(x).logits  # noqa: E731
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=ATOL, rtol=0)
+    _roundtrip_both_ways(ours, theirs, base, ids, tmp_path, call=logits)
+    with pytest.raises(ValueError, match="replicated"):
+        ours.merge_adapter()
+    with pytest.raises(ValueError, match="layer_replication"):
+        get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 9]]))

@@ -74,7 +74,9 @@ class LoraConfig(TargetedConfig):
     # PEFT 0.21 LoraConfig fields of features peftkit does not have: accepted at their "unused" value (so that
     # configs and adapter_config.json files written by PEFT load), refused with a clear error otherwise
     # (see _UNSUPPORTED_LORA_FIELDS).
-    layer_replication: Optional[list[tuple[int, int]]] = field(default=None, metadata={"help": "Not supported."})
+    layer_replication: Optional[list[tuple[int, int]]] = field(
+        default=None, metadata={"help": "Rebuild the decoder's layer list from [start, end) ranges of its layers "
+                                "(copies share base weights, each gets its own LoRA), e.g. [[0, 4], [2, 5]]."})
     use_qalora: bool = field(default=False, metadata={"help": "Not supported (QA-LoRA)."})
     qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA's group size (unused)."})
     alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "Not supported (aLoRA)."})
@@ -166,7 +168,6 @@ class LoraConfig(TargetedConfig):
 
 
 _UNSUPPORTED_LORA_FIELDS = {
-    "layer_replication": "layer replication (stacking copies of base layers)",
     "use_qalora": "QA-LoRA (quantisation-aware LoRA)",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_bdlora": "BD-LoRA (block-diagonal LoRA)",
@@ -814,6 +815,24 @@ class LoraModel(AdapterModel):
 
         count = inject_parameter_targets(self, adapter_name, config, loading=loading)
         return count + inject_trainable_tokens(self, adapter_name, config, loading=loading)
+
+    def inject_adapter(self, adapter_name: str, config: LoraConfig, loading: bool = False) -> None:
+        if not getattr(config, "layer_replication", None):
+            return super().inject_adapter(adapter_name, config, loading=loading)
+        from peftkit.methods.lora.layer_replication import replicate_layers, undo_replication
+
+        saved = replicate_layers(self.model, config.layer_replication)
+        try:
+            super().inject_adapter(adapter_name, config, loading=loading)
+        except Exception:
+            undo_replication(self.model, saved)
+            raise
+
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
+            raise ValueError("Cannot merge LoRA layers when base model layers are replicated (layer_replication): "
+                             "the copies share their base weights; use the adapters unmerged.")
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         from peftkit.methods.lora.trainable_tokens import TrainableTokensWrapper
