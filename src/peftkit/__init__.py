@@ -56,6 +56,9 @@ from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_s
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.integrations import PeftkitCallback
 from peftkit.integrations.quantization import prepare_model_for_kbit_training
+from peftkit.engine.warnings import PeftWarning  # PEFT 0.21 LoRA features (f17a)
+from peftkit.methods.lora.param_wrapper import ParamWrapper
+from peftkit.methods.lora.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
 
 __version__ = "0.1.0"
 
@@ -133,4 +136,9 @@ __all__ = [
     "create_loraplus_optimizer",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
+    # PEFT 0.21 LoRA features (f17a)
+    "PeftWarning",
+    "ParamWrapper",
+    "TrainableTokensLayer",
+    "TrainableTokensWrapper",
 ]

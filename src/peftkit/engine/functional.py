@@ -156,7 +156,8 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in inner.state_dict(keep_vars=True).items():
         if id(value) in skip:
             continue
-        clean = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+        clean = key.replace(".token_adapter.base_layer.", ".")  # LoRA's trainable_token_indices wrapper
+        clean = clean.replace(".base_layer.", ".").replace(".original_module.", ".")
         if clean.startswith("base_layer."):
             clean = clean[len("base_layer."):]
         out[clean] = value.detach()
@@ -200,7 +201,8 @@ def _adapter_tensor_ids(engine: Any) -> set[int]:
 
 
 def _original_key(key: str) -> str:
-    clean = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+    clean = key.replace(".token_adapter.base_layer.", ".")  # LoRA's trainable_token_indices wrapper
+    clean = clean.replace(".base_layer.", ".").replace(".original_module.", ".")
     for inner in ("base_layer.", "original_module."):
         if clean.startswith(inner):
             clean = clean[len(inner):]

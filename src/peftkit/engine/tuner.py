@@ -176,7 +176,13 @@ class AdapterModel(nn.Module):
         return tensors
 
     # ------------------------------------------------------------------------------------------ injection
+    def inject_parameter_targets(self, adapter_name: str, config: TargetedConfig, loading: bool = False) -> int:
+        """Adapters on bare parameters (LoRA's ``target_parameters``); how many were added. None by default."""
+        return 0
+
     def _resolve_targets(self, config: TargetedConfig, spec: MethodSpec) -> TargetedConfig:
+        if config.target_modules is None and getattr(config, "target_parameters", None):
+            return config  # only parameters are targeted (as PEFT allows)
         if config.target_modules is None:
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             defaults = spec.default_target_modules.get(model_type) if model_type else None
@@ -234,7 +240,8 @@ class AdapterModel(nn.Module):
         self.peft_config[adapter_name] = config
 
         try:
-            targets = find_targets(self.model, config)
+            only_params = not config.target_modules and getattr(config, "target_parameters", None)
+            targets = [] if only_params else find_targets(self.model, config)
             for name in targets:  # before any allocation: a rank beyond the layer size is refused
                 check_rank_against_layer(config, name, self.model.get_submodule(name))
             _warn_unmatched_patterns(config, targets)
@@ -260,6 +267,7 @@ class AdapterModel(nn.Module):
                 parent, attr = _get_parent(self.model, name)
                 setattr(parent, attr, layer)
                 wrapped += 1
+            wrapped += self.inject_parameter_targets(adapter_name, config, loading=loading)
             if wrapped == 0:
                 raise ValueError(
                     f"{spec.peft_type} cannot adapt any of the modules that target_modules matched: {', '.join(skipped[:10])}. "
@@ -282,15 +290,27 @@ class AdapterModel(nn.Module):
             for p, flag in existing_flags:
                 p.requires_grad_(flag)
 
+    def _drop_wrappers(self, only_empty: bool = False) -> None:
+        """Replace auxiliary wrappers (modules with ``unwrapped()``, e.g. LoRA's trainable-token embeddings) by
+        the module they wrap; ``only_empty``: only those whose adapter layer has been removed."""
+        for name, module in list(self.model.named_modules()):
+            if not name or not callable(getattr(type(module), "unwrapped", None)):
+                continue
+            if only_empty and any(isinstance(m, AdapterLayer) for m in module.children()):
+                continue
+            parent, attr = _get_parent(self.model, name)
+            setattr(parent, attr, module.unwrapped())
+
     def _discard_partial_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection so that the model is as it was before."""
         self.peft_config.pop(adapter_name, None)
-        for name, layer in list(self.adapter_layers()):
+        for name, layer in reversed(list(self.adapter_layers())):  # innermost first (nested layers)
             if adapter_name in layer.adapter_configs or any(adapter_name in getattr(layer, s) for s in layer.adapter_slots):
                 layer.delete_adapter(adapter_name)
             if not layer.adapter_configs:
                 parent, attr = _get_parent(self.model, name)
                 setattr(parent, attr, layer.base_layer)
+        self._drop_wrappers(only_empty=True)
         for name, wrapper in list(self.modules_to_save_wrappers()):
             wrapper.delete_adapter(adapter_name)
             if len(wrapper.modules_to_save) == 0:
@@ -399,7 +419,7 @@ class AdapterModel(nn.Module):
         for _, layer in self.adapter_layers():
             if adapter_name not in layer.adapter_configs:
                 continue
-            dtype = layer.get_base_layer().weight.dtype
+            dtype = layer._weight_param().dtype  # the adapted tensor (a bare parameter, MHA's in_proj_weight)
             if not dtype.is_floating_point:
                 continue
             for _, p in layer.adapter_parameters(adapter_name):
@@ -520,9 +540,12 @@ class AdapterModel(nn.Module):
                     )
                 chosen[path] = owners[0] if owners else None
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        for name, layer in list(self.adapter_layers()):
+        # innermost first: a layer nested in another (LoRA's target_parameters, nn.MultiheadAttention's out_proj)
+        # is unwrapped while its parent path still exists
+        for name, layer in reversed(list(self.adapter_layers())):
             parent, attr = _get_parent(self.model, name)
             setattr(parent, attr, layer.get_base_layer())
+        self._drop_wrappers()
         for name, wrapper in list(self.modules_to_save_wrappers()):
             parent, attr = _get_parent(self.model, name)
             owner = chosen.get(name)

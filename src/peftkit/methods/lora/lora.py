@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence, Union
 
@@ -22,6 +23,7 @@ from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermo
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
 from peftkit.engine.validation import SCALE_LIMIT, Rule
+from peftkit.engine.warnings import PeftWarning
 from peftkit.kernels import kernels_enabled
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
@@ -52,6 +54,50 @@ class LoraConfig(TargetedConfig):
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA: learn a magnitude per output."})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank, keys are regexes."})
     alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module alpha, keys are regexes."})
+    # ---- PEFT 0.21 LoRA features (drop-in parity, issue 17)
+    target_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Parameters (not modules) to adapt, e.g. ['experts.gate_up_proj'] for MoE expert tensors: "
+                  "full names or their '.'-suffixes; 2-d (out, in) or 3-d (experts, ., .) tensors. Set "
+                  "target_modules=[] (or leave it unset) to adapt parameters only."},
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Train only these rows of an embedding (e.g. new tokens): a list of token ids (the input "
+                  "embedding) or {layer name: ids}. A layer tied to the input embedding follows it."},
+    )
+    ensure_weight_tying: bool = field(
+        default=False,
+        metadata={"help": "With trainable_token_indices on a model with tied embeddings: require the tied layers to "
+                  "share the trained rows (indices given for both must agree); warn if the model has no tie."},
+    )
+    # PEFT 0.21 LoraConfig fields of features peftkit does not have: accepted at their "unused" value (so that
+    # configs and adapter_config.json files written by PEFT load), refused with a clear error otherwise
+    # (see _UNSUPPORTED_LORA_FIELDS).
+    layer_replication: Optional[list[tuple[int, int]]] = field(
+        default=None, metadata={"help": "Rebuild the decoder's layer list from [start, end) ranges of its layers "
+                                "(copies share base weights, each gets its own LoRA), e.g. [[0, 4], [2, 5]]."})
+    use_qalora: bool = field(default=False, metadata={"help": "Not supported (QA-LoRA)."})
+    qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA's group size (unused)."})
+    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "Not supported (aLoRA)."})
+    use_bdlora: Optional[Any] = field(default=None, metadata={"help": "Not supported (BD-LoRA)."})
+    velora_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (VeLoRA)."})
+    kasa_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (KaSA)."})
+    monteclora_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (MonteCLoRA)."})
+    arrow_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (Arrow routing)."})
+    lora_ga_config: Optional[Any] = field(default=None, metadata={"help": "Not supported (LoRA-GA)."})
+    megatron_config: Optional[dict] = field(default=None, metadata={"help": "Not supported (Megatron-LM layers)."})
+    megatron_core: Optional[str] = field(default="megatron.core", metadata={"help": "Megatron module (unused)."})
+    auto_mapping: Optional[dict] = field(default=None, metadata={"help": "Written by PEFT for custom model classes; "
+                                                                        "kept as metadata."})
+    runtime_config: Optional[Any] = field(
+        default=None, metadata={"help": "PEFT's LoraRuntimeConfig (ephemeral_gpu_offload); not saved. Offloading is "
+                                "not supported: only ephemeral_gpu_offload=False is accepted."})
+    lora_bias: bool = field(
+        default=False,
+        metadata={"help": "Give LoRA-B a bias (scaled like B; merged into the base layer's bias). Linear and conv "
+                  "layers only; needs init_lora_weights True or False and no DoRA."},
+    )
 
     # Checked by peftkit.engine.validation before the model is touched (types come from the annotations).
     field_rules: ClassVar[dict[str, Rule]] = {
@@ -62,6 +108,11 @@ class LoraConfig(TargetedConfig):
         "alpha_pattern": Rule(type=dict[str, float], regex_keys=True, each=Rule(min=-SCALE_LIMIT, max=SCALE_LIMIT)),
     }
     rank_fields: ClassVar[tuple[str, ...]] = ("r",)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("runtime_config", None)  # a runtime setting, not written to adapter_config.json (as in PEFT)
+        return out
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
@@ -92,6 +143,41 @@ class LoraConfig(TargetedConfig):
                              f"{' and rank_pattern=' + str(self.rank_pattern) if self.rank_pattern else ''}.")
         if self.use_dora and (str(init).startswith("pissa") or init == "olora"):
             raise ValueError(f"init_lora_weights={init!r} cannot be combined with use_dora.")
+        for name, what in _UNSUPPORTED_LORA_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and value is not False:
+                raise ValueError(f"LoraConfig.{name}={value!r}: {what} is not supported by peftkit; leave "
+                                 f"{name} unset (None/False), or use Hugging Face PEFT for this variant.")
+        offload = (self.runtime_config.get("ephemeral_gpu_offload") if isinstance(self.runtime_config, dict)
+                   else getattr(self.runtime_config, "ephemeral_gpu_offload", False))
+        if offload:
+            raise ValueError("LoraConfig.runtime_config: ephemeral_gpu_offload=True is not supported by peftkit (no "
+                             "CPU-offloaded bases); leave it False.")
+        if isinstance(self.target_parameters, str):
+            raise TypeError("LoraConfig.target_parameters must be a list of parameter names (e.g. ['lin0.weight']) "
+                            "or None, not a string.")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
+        if self.lora_bias:
+            if init not in (True, False):
+                raise ValueError(f"LoraConfig.lora_bias=True needs init_lora_weights=True or False, got "
+                                 f"init_lora_weights={init!r}.")
+            if self.use_dora:
+                raise ValueError("LoraConfig.lora_bias=True cannot be combined with use_dora=True (as in PEFT); "
+                                 "set one of them to False.")
+
+
+_UNSUPPORTED_LORA_FIELDS = {
+    "use_qalora": "QA-LoRA (quantisation-aware LoRA)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "BD-LoRA (block-diagonal LoRA)",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing of LoRA experts",
+    "lora_ga_config": "LoRA-GA initialisation",
+    "megatron_config": "LoRA on Megatron-LM parallel layers",
+}
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -132,6 +218,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
 
     def _set_hyper(self, adapter_name: str, config: LoraConfig, module_name: str) -> int:
@@ -141,13 +228,15 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
         self.use_dora[adapter_name] = bool(config.use_dora)
+        self.lora_bias[adapter_name] = bool(getattr(config, "lora_bias", False))
         p = float(config.lora_dropout)
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         return r
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm, self.lora_qkv_parts):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm, self.lora_qkv_parts,
+                  self.lora_bias):
             d.pop(adapter_name, None)
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
@@ -179,6 +268,74 @@ class LoraLayer(AdapterLayer):
         factor = self._dora_merge_norm.pop(adapter_name)
         return weight / factor - delta
 
+    # ---- lora_bias: LoRA-B's bias (times the scaling) is added to the output and merged into the base bias
+    def _warn_if_bias_unmergeable(self, adapter_name: str) -> None:
+        if self.lora_bias.get(adapter_name) and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                "has no bias. This means that merging LoRA weights won't be possible.",
+                PeftWarning,
+            )
+
+    def bias_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """What merging ``adapter_name`` adds to the base layer's bias (None without lora_bias)."""
+        if not self.lora_bias.get(adapter_name):
+            return None
+        return self.lora_B[adapter_name].bias * self.scaling[adapter_name]
+
+    def merge_refusal(self) -> Optional[str]:
+        if any(self.lora_bias.values()) and getattr(self.get_base_layer(), "bias", None) is None:
+            return ("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias; use the "
+                    "adapter unmerged, or give the base layer a bias before adding the adapter.")
+        return None
+
+    def first_nonfinite_merge(self, adapter_names: Sequence[str]) -> Optional[str]:
+        bad = super().first_nonfinite_merge(adapter_names)
+        if bad is not None:
+            return bad
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if bias is None:
+            return None
+        with torch.no_grad():
+            new = bias.data
+            for name in adapter_names:
+                delta = self.bias_delta(name) if name in self.adapter_configs and name not in self.merged_adapters else None
+                if delta is not None:
+                    new = new + delta.to(new.dtype)
+                    if not torch.isfinite(new).all():
+                        return name
+        return None
+
+    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        todo = [n for n in names if n in self.adapter_configs and n not in self.merged_adapters]
+        if any(self.lora_bias.get(n) for n in todo):
+            base = self.get_base_layer()
+            if getattr(base, "bias", None) is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias; "
+                                   "use the adapter unmerged.")
+            if safe_merge and self.first_nonfinite_merge(todo) is not None:
+                raise ValueError(f"NaNs detected in the merged weights: merging adapter {self.first_nonfinite_merge(todo)!r} "
+                                 "would put NaN or inf into the base weights or bias; nothing was changed.")
+        done = len(self.merged_adapters)
+        super().merge(adapter_names, safe_merge=safe_merge)
+        for name in self.merged_adapters[done:]:
+            delta = self.bias_delta(name)
+            if delta is not None:
+                bias = self.get_base_layer().bias
+                with torch.no_grad():
+                    bias.data.add_(delta.to(bias.dtype))
+
+    def unmerge(self) -> None:
+        merged = list(self.merged_adapters)
+        super().unmerge()
+        for name in merged:
+            delta = self.bias_delta(name)
+            if delta is not None:
+                bias = self.get_base_layer().bias
+                with torch.no_grad():
+                    bias.data.sub_(delta.to(bias.dtype))
+
 
 class Linear(LoraLayer):
     """LoRA on ``nn.Linear`` or transformers' ``Conv1D`` (weight stored as in x out, ``fan_in_fan_out``)."""
@@ -199,13 +356,19 @@ class Linear(LoraLayer):
         dtype = adapter_dtype(base_w)
         parts = fused_qkv_parts(config, module_name, self.out_features)
         if parts:  # one rank-r factor pair per enabled third (AdapterHub's LoRAMergedLinear): A stacked, B stacked
+            if self.lora_bias[adapter_name]:
+                raise ValueError(f"LoraConfig.lora_bias is not supported with LoRA on slices of a fused q/k/v "
+                                 f"({module_name}); set lora_bias=False.")
             self.lora_qkv_parts[adapter_name] = parts
         n = len(parts) or 1
         a = nn.Linear(self.in_features, r * n, bias=False, device=base_w.device, dtype=dtype)
-        b = nn.Linear(r, self.out_features // 3 * n if parts else self.out_features, bias=False, device=base_w.device,
-                      dtype=dtype)
+        b = nn.Linear(r, self.out_features // 3 * n if parts else self.out_features, bias=self.lora_bias[adapter_name],
+                      device=base_w.device, dtype=dtype)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+        self._warn_if_bias_unmergeable(adapter_name)
         init = config.init_lora_weights
+        if b.bias is not None and (loading or init is not False):
+            nn.init.zeros_(b.bias)  # init_lora_weights=False keeps nn.Linear's random bias (as in PEFT)
         if loading:
             nn.init.zeros_(b.weight)  # overwritten by the checkpoint; keep creation cheap and data-independent
         elif isinstance(init, str) and init.startswith("pissa"):
@@ -292,7 +455,9 @@ class Linear(LoraLayer):
         if adapter_name in self.lora_qkv_parts:
             return result + self._fused_qkv_delta(adapter_name, dropout(x), a, b, scaling)
         if not self.use_dora[adapter_name]:
-            return lora_ops.lora_linear_add(result, dropout(x), a, b, scaling)
+            out = lora_ops.lora_linear_add(result, dropout(x), a, b, scaling)
+            b_bias = self.lora_B[adapter_name].bias
+            return out if b_bias is None else out + (b_bias * scaling).to(out.dtype)
         x_d = dropout(x)
         weight = self._oriented_base_weight()
         magnitude = self.lora_magnitude_vector[adapter_name]
@@ -337,6 +502,8 @@ class Linear(LoraLayer):
             return "gated adapter (use_gating)"
         if self.lora_qkv_parts and any(n in self.lora_qkv_parts for n in names):
             return "LoRA on slices of a fused q/k/v"
+        if any(self.lora_bias.get(n) for n in names):
+            return "lora_bias (LoRA-B has a bias)"
         for n in names:
             if not use_dora[n]:
                 continue
@@ -392,8 +559,8 @@ class Linear(LoraLayer):
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = [n for n in batch.groups if n != BASE_ADAPTER and n in self.adapter_configs]
-        if any(self.use_dora[n] for n in names) or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
-            self._set_path("reference: mixed batch with DoRA or active dropout")
+        if any(self.use_dora[n] or self.lora_bias.get(n) for n in names) or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
+            self._set_path("reference: mixed batch with DoRA, lora_bias or active dropout")
             return super().forward_mixed(x, batch, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if not names:
@@ -419,6 +586,9 @@ class Embedding(LoraLayer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
+        if getattr(config, "lora_bias", False):
+            raise ValueError(f"lora_bias=True is not supported for nn.Embedding ({module_name}), as in PEFT; exclude "
+                             "it from target_modules or set lora_bias=False.")
         r = self._set_hyper(adapter_name, config, module_name)
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
@@ -484,15 +654,18 @@ class ConvNd(LoraLayer):
         a = self._conv_cls(self.in_features, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation,
                            bias=False, device=base.weight.device, dtype=dtype)
         # grouped base convolution (as in PEFT): A mixes all input channels, B maps rank to outputs per group
-        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, groups=base.groups, bias=False,
-                           device=base.weight.device, dtype=dtype)
+        b = self._conv_cls(r, self.out_features, (1,) * nd, (1,) * nd, groups=base.groups,
+                           bias=self.lora_bias[adapter_name], device=base.weight.device, dtype=dtype)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+        self._warn_if_bias_unmergeable(adapter_name)
+        if b.bias is not None and (loading or config.init_lora_weights is not False):
+            nn.init.zeros_(b.bias)
         if loading:
             nn.init.zeros_(b.weight)
         else:
             lora_ops.init_factors(a.weight, b.weight, config.init_lora_weights, r)
         if config.use_dora:
-            weight = base.weight + self.delta_weight(adapter_name).to(base.weight.dtype)
+            weight = base.weight + self._flat_delta(adapter_name).to(base.weight.dtype)
             norm = weight.norm(p=2, dim=_norm_dims(weight), keepdim=True).transpose(1, 0)
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.detach().to(dtype))
 
@@ -501,11 +674,19 @@ class ConvNd(LoraLayer):
         if groups > 1:
             return (f"LoRA on a grouped convolution (groups={groups}) cannot be merged into its weight (as in PEFT); "
                     "use it unmerged.")
-        return None
+        return super().merge_refusal()
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        if self.merge_refusal():
-            raise NotImplementedError(self.merge_refusal())
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            raise NotImplementedError(f"LoRA on a grouped convolution (groups={groups}) cannot be merged into its "
+                                      "weight (as in PEFT); use it unmerged.")
+        return self._flat_delta(adapter_name)
+
+    def _flat_delta(self, adapter_name: str) -> torch.Tensor:
+        """scaling * (B viewed as (-1, r)) @ (A viewed as (r, -1)), in the base weight's shape: the delta weight for
+        groups=1. For a grouped convolution it is not the layer's delta (that one has no dense form here) but the
+        term DoRA's weight norm uses, the same as PEFT's, so magnitudes trained there transfer unchanged."""
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         r = a.shape[0]
         base_shape = self.get_base_layer().weight.shape
@@ -526,7 +707,7 @@ class ConvNd(LoraLayer):
             return result + lora
         base = self.get_base_layer()
         weight = base.weight
-        adapted = weight + self.delta_weight(adapter_name).detach().to(weight.dtype)
+        adapted = weight + self._flat_delta(adapter_name).detach().to(weight.dtype)
         norm = adapted.norm(p=2, dim=_norm_dims(adapted), keepdim=True).transpose(1, 0).detach()
         factor = (self.lora_magnitude_vector[adapter_name] / norm).to(result.dtype)
         if isinstance(dropout, nn.Identity):
@@ -536,6 +717,107 @@ class ConvNd(LoraLayer):
         else:
             base_out = base._conv_forward(x_d, weight, None)
         return result + (factor - 1) * base_out + factor * lora
+
+
+class _MhaOutProj(Linear):
+    """The LoRA layer on an ``nn.MultiheadAttention``'s out_proj. Its delta counts twice: PEFT 0.21 adds the
+    out_proj delta to the weight and then merges the out_proj layer as well (in every forward and in merges), so a
+    PEFT-trained adapter holds factors for 2 * scaling * B @ A; doubling here keeps outputs identical given the
+    same checkpoint (see README, departures)."""
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return 2 * super().delta_weight(adapter_name)
+
+
+class MultiheadAttention(LoraLayer):
+    """LoRA on ``nn.MultiheadAttention`` (as PEFT): one adapter on the packed input projection ``in_proj_weight``
+    (A: r x embed_dim, B: 3*embed_dim x r) and one on ``out_proj`` (a LoRA :class:`Linear` put in its place). The
+    module's own forward runs unchanged while both weights read as ``W + delta`` (a parametrization held for the
+    call), so gradients reach the factors. Only ``_qkv_same_embed_dim`` modules (query, key, value of one size).
+    Checkpoint keys: ``<m>.lora_A.weight``, ``<m>.lora_B.weight``, ``<m>.base_layer.out_proj.lora_A.weight``, ..."""
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        if not base._qkv_same_embed_dim:
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) needs query, key and value of the same "
+                             "size (kdim = vdim = embed_dim), as in PEFT; exclude this module from target_modules.")
+        if not isinstance(innermost_base(base.out_proj), nn.Linear):
+            raise TypeError(f"LoRA on nn.MultiheadAttention ({module_name}) needs out_proj to be an nn.Linear.")
+        self.in_features, self.out_features = base.embed_dim, 3 * base.embed_dim
+        if not isinstance(base.out_proj, LoraLayer):
+            base.out_proj = _MhaOutProj(base.out_proj, fan_in_fan_out=False)
+
+    def __getattr__(self, name: str) -> Any:  # embed_dim, num_heads, batch_first, ... of the wrapped module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(innermost_base(self._modules["base_layer"]), name)
+
+    @property
+    def out_proj_layer(self) -> "Linear":
+        return self.get_base_layer().out_proj
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
+        if config.use_dora:
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) does not support DoRA (as in PEFT); set "
+                             "use_dora=False or exclude this module.")
+        if getattr(config, "lora_bias", False):
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) does not support lora_bias=True.")
+        init = config.init_lora_weights
+        if init not in (True, False, "gaussian"):
+            raise ValueError(f"LoRA on nn.MultiheadAttention ({module_name}) supports init_lora_weights True, False "
+                             f"or 'gaussian', got {init!r}.")
+        r = self._set_hyper(adapter_name, config, module_name)
+        w = self.get_base_layer().in_proj_weight
+        dtype = adapter_dtype(w)
+        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        if loading:
+            nn.init.zeros_(b.weight)
+        else:
+            lora_ops.init_factors(a.weight, b.weight, init, r)
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = a, b
+        out = self.out_proj_layer
+        out.update_layer(adapter_name, config, module_name=f"{module_name}.out_proj" if module_name else "out_proj",
+                         loading=loading)
+        out.adapter_configs[adapter_name] = config
+
+    def _weight_param(self) -> nn.Parameter:
+        return self.get_base_layer().in_proj_weight
+
+    def _base_weight_matrix(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return (b @ a) * self.scaling[adapter_name]
+
+    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
+        super().set_adapter(names, inference_mode=inference_mode)
+
+    def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+        from peftkit.methods.lora.param_wrapper import added_delta
+
+        base = self.get_base_layer()
+        w = base.in_proj_weight
+        delta_in = sum(self.delta_weight(n).to(w.dtype) for n in names)
+        out = self.out_proj_layer
+        out_names = [n for n in out.active_adapters if n in out.adapter_configs and n not in out.merged_adapters
+                     and not out.adapters_disabled]
+        out_base = out.get_base_layer()
+        delta_out = sum(out.delta_weight(n).to(out_base.weight.dtype) for n in out_names) if out_names else None
+        with added_delta(base, "in_proj_weight", delta_in), added_delta(out_base, "weight", delta_out):
+            return self.base_layer(x, *args, **kwargs)
+
+    def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("lora.MultiheadAttention does not support mixed adapter batches (adapter_names=, one "
+                        "adapter per row), as in PEFT; use one adapter per call.")
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
 
 
 def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> Optional[LoraLayer]:
@@ -548,13 +830,16 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
         layer = Linear(target, fan_in_fan_out=True)
     elif isinstance(base, nn.Embedding):
         layer = Embedding(target)
+    elif isinstance(base, nn.MultiheadAttention):
+        layer = MultiheadAttention(target, module_name=module_name)
     elif isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if base.groups != 1:
             ranks = {pattern_value(config.rank_pattern, module_name, config.r)}
-            if any(r % base.groups for r in ranks) or config.use_dora:
+            if any(r % base.groups for r in ranks):
                 raise ValueError(
                     f"LoRA on the grouped convolution {module_name} (groups={base.groups}) needs a rank divisible by "
-                    f"groups and no DoRA; got r={ranks.pop()}{', use_dora=True' if config.use_dora else ''}."
+                    f"groups (as in PEFT 0.21); got r={ranks.pop()}. Choose such a rank (rank_pattern can set it for "
+                    "this layer) or exclude the layer from target_modules."
                 )
         layer = ConvNd(target)
     else:
@@ -565,6 +850,40 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
 
 class LoraModel(AdapterModel):
     """The engine plus LoRA-only operations (weighted combination of adapters)."""
+
+    def inject_parameter_targets(self, adapter_name: str, config: LoraConfig, loading: bool = False) -> int:
+        from peftkit.methods.lora.param_wrapper import inject_parameter_targets
+        from peftkit.methods.lora.trainable_tokens import inject_trainable_tokens
+
+        count = inject_parameter_targets(self, adapter_name, config, loading=loading)
+        return count + inject_trainable_tokens(self, adapter_name, config, loading=loading)
+
+    def inject_adapter(self, adapter_name: str, config: LoraConfig, loading: bool = False) -> None:
+        if not getattr(config, "layer_replication", None):
+            return super().inject_adapter(adapter_name, config, loading=loading)
+        from peftkit.methods.lora.layer_replication import replicate_layers, undo_replication
+
+        saved = replicate_layers(self.model, config.layer_replication)
+        try:
+            super().inject_adapter(adapter_name, config, loading=loading)
+        except Exception:
+            undo_replication(self.model, saved)
+            raise
+
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
+            raise ValueError("Cannot merge LoRA layers when base model layers are replicated (layer_replication): "
+                             "the copies share their base weights; use the adapters unmerged.")
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        from peftkit.methods.lora.trainable_tokens import TrainableTokensWrapper
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for path, module in self.model.named_modules():  # checked before anything changes
+            if isinstance(module, TrainableTokensWrapper):
+                module.check_set_adapter(names, path)
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
 
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the
