@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -125,6 +125,44 @@ class AdapterLayer(nn.Module):
 
     def get_base_layer(self) -> nn.Module:
         return innermost_base(self.base_layer)
+
+    # ---- PEFT's BaseTunerLayer names (peftkit.tuners.tuners_utils.BaseTunerLayer is this class)
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """The per-adapter containers of trainable tensors (PEFT's name for ``adapter_slots``)."""
+        return self.adapter_slots
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """The other per-adapter attributes, deleted with the adapter (PEFT's name; ``aux_slots`` here)."""
+        return self.aux_slots
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.adapters_disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Enable or disable this layer's adapters (PEFT's rules: disabling freezes them, enabling re-activates the
+        active ones, which makes them trainable)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self.adapters_disabled = False
+        else:
+            for slot in self.adapter_slots:
+                getattr(self, slot).requires_grad_(False)
+            self.adapters_disabled = True
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Sorted names of the adapters this layer holds (PEFT's name)."""
+        return sorted(self.adapter_configs)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's weight update in the base weight's layout (PEFT's name for :meth:`delta_weight`)."""
+        return self.delta_weight(adapter_name)
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name within this layer, parameter) of one adapter."""
@@ -299,6 +337,14 @@ class ModulesToSaveWrapper(nn.Module):
             del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
+
+    @property
+    def active_adapters(self) -> list[str]:  # PEFT's AuxiliaryTrainingWrapper names
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    @property
+    def _adapters(self) -> set[str]:
+        return set(self.modules_to_save)
 
     def _active_module(self) -> nn.Module:
         if self.active_adapter is not None and self.active_adapter in self.modules_to_save:

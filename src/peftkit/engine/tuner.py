@@ -94,6 +94,9 @@ class AdapterModel(nn.Module):
     """Holds the user's model as ``self.model`` (so state-dict keys read ``base_model.model.<path>`` inside a
     :class:`~peftkit.engine.peft_model.PeftModel`, as in Hugging Face PEFT) and the adapters injected into it."""
 
+    # PEFT's BaseTuner flag for methods whose adapters share tensors across layers (VeRA); none of peftkit's do
+    uses_shared_state: bool = False
+
     def __init__(
         self, model: nn.Module, config: TargetedConfig, adapter_name: str = "default", loading: bool = False
     ) -> None:

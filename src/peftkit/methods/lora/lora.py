@@ -135,6 +135,12 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         return r
 
+    # PEFT's names: the per-adapter attributes besides the trainable containers (adapter_layer_names)
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __repr__(self) -> str:  # "lora.Linear(...)", as PEFT prints its layers
+        return "lora." + super().__repr__()
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm):
@@ -500,6 +506,21 @@ class ConvNd(LoraLayer):
         return result + (factor - 1) * base_out + factor * lora
 
 
+class Conv1d(ConvNd):
+    """LoRA on ``nn.Conv1d`` (PEFT's name; the layer is :class:`ConvNd`)."""
+
+
+class Conv2d(ConvNd):
+    """LoRA on ``nn.Conv2d`` (PEFT's name; the layer is :class:`ConvNd`)."""
+
+
+class Conv3d(ConvNd):
+    """LoRA on ``nn.Conv3d`` (PEFT's name; the layer is :class:`ConvNd`)."""
+
+
+_CONV_LAYERS = {1: Conv1d, 2: Conv2d, 3: Conv3d}
+
+
 def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> Optional[LoraLayer]:
     base = innermost_base(target)
     if isinstance(base, nn.Linear):
@@ -518,7 +539,7 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
                     f"LoRA on the grouped convolution {module_name} (groups={base.groups}) needs a rank divisible by "
                     f"groups and no DoRA; got r={ranks.pop()}{', use_dora=True' if config.use_dora else ''}."
                 )
-        layer = ConvNd(target)
+        layer = _CONV_LAYERS.get(base.weight.dim() - 2, ConvNd)(target)
     else:
         return None
     layer.update_layer(adapter_name, config, module_name=module_name, loading=loading)
