@@ -82,7 +82,47 @@ def inject_adapter_in_model(
         engine.inject_adapter(adapter_name, peft_config, loading=state_dict is not None)
     if state_dict is not None:
         set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    elif low_cpu_mem_usage:
+        # as PEFT: the new adapter's tensors take no memory (meta device) until a state dict is loaded into them
+        # with set_peft_model_state_dict(..., low_cpu_mem_usage=True)
+        _adapter_to_meta(engine, adapter_name)
     return model
+
+
+def _adapter_to_meta(engine: Any, adapter_name: str) -> None:
+    # the adapter layers' own tensors only: not modules_to_save copies, nor base biases (bias="all")
+    wanted = {id(t) for _, layer in engine.adapter_layers() for _, t in layer.adapter_parameters(adapter_name)}
+    for module in engine.model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is not None and id(t) in wanted and not t.is_meta:
+                    meta = torch.empty_like(t, device="meta")
+                    store[name] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+
+def _assign_into_meta(engine: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """``low_cpu_mem_usage=True`` loading: each adapter tensor still on the meta device is replaced by a tensor of
+    the checkpoint's values (on the base model's device, in the tensor's dtype); the rest is copied as usual."""
+    from peftkit.engine.save_load import adapter_parameter_map
+
+    prefix = getattr(type(engine), "checkpoint_prefix", CHECKPOINT_PREFIX)
+    live = {id(t): k for k, t in adapter_parameter_map(engine, adapter_name).items() if t.is_meta}
+    if not live:
+        return
+    values = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    device = next((p.device for p in engine.model.parameters() if not p.is_meta), torch.device("cpu"))
+    for module in engine.model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                key = live.get(id(t)) if t is not None else None
+                if key is None or key not in values:
+                    continue
+                value = values[key]
+                if tuple(value.shape) != tuple(t.shape):
+                    raise ValueError(f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects "
+                                     f"{tuple(t.shape)}.")
+                new = value.detach().to(device=device, dtype=t.dtype, copy=True)
+                store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
 def get_peft_model_state_dict(
@@ -163,6 +203,8 @@ def set_peft_model_state_dict(
         peft_model_state_dict = {
             (k if k.startswith(strip) else strip + k): v for k, v in peft_model_state_dict.items()
         }
+    if low_cpu_mem_usage:
+        _assign_into_meta(engine, adapter_name, peft_model_state_dict)
     with full_params(outer, writeback=True):
         peft_model_state_dict = _to_wrapped_keys(engine, adapter_name, peft_model_state_dict)
         result = set_adapter_state_dict(engine, peft_model_state_dict, adapter_name,

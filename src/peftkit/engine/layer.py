@@ -232,7 +232,9 @@ class AdapterLayer(nn.Module):
         return self.forward_adapters(x, names, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- management
-    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
+    def set_adapter(self, names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        if isinstance(names, str):  # one name, as PEFT's layers accept (transformers' set_adapter passes one)
+            names = [names]
         self.active_adapters = [n for n in names]
         for name in self.adapter_configs:
             requires_grad = name in names and not inference_mode
@@ -324,7 +326,9 @@ class ModulesToSaveWrapper(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
-    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
+    def set_adapter(self, names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        if isinstance(names, str):
+            names = [names]
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
             raise ValueError(f"Only one adapter's copy of a module can be active at a time, got {present}.")
@@ -345,6 +349,16 @@ class ModulesToSaveWrapper(nn.Module):
     @property
     def _adapters(self) -> set[str]:
         return set(self.modules_to_save)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Use the active adapter's copy (``True``) or the original module (``False``, the copies freeze)."""
+        if enabled:
+            self.adapters_disabled = False
+            if self.active_adapter is not None:
+                self.modules_to_save[self.active_adapter].requires_grad_(True)
+        else:
+            self.modules_to_save.requires_grad_(False)
+            self.adapters_disabled = True
 
     def _active_module(self) -> nn.Module:
         if self.active_adapter is not None and self.active_adapter in self.modules_to_save:

@@ -219,7 +219,8 @@ def set_adapter_state_dict(
         # copy_ into a meta tensor is a silent no-op: the adapter would look loaded and compute nothing
         raise ValueError(
             "The model is on the meta device (built without memory); materialise it first, e.g. "
-            "model.to_empty(device='cpu') and load its base weights, then load the adapter."
+            "model.to_empty(device='cpu') and load its base weights, then load the adapter (an adapter injected "
+            "with low_cpu_mem_usage=True loads with set_peft_model_state_dict(..., low_cpu_mem_usage=True))."
         )
     loaded = {id(live) for live, _ in plan}
     skipped = {i for i, _ in mismatched}  # the user asked for these to keep their initial values

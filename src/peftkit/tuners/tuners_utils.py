@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from peftkit.engine.layer import AdapterLayer as BaseTunerLayer
-from peftkit.engine.targeting import _matches, layer_index
+from peftkit.engine.targeting import _in_modules_to_save, _matches, layer_index
 from peftkit.engine.tuner import AdapterModel as BaseTuner
 
 
@@ -29,11 +29,14 @@ def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, s
 
 def check_target_module_exists(config: Any, key: str) -> bool:
     """Whether the module named ``key`` is one that ``config`` targets (``target_modules`` as a list of name
-    suffixes or a regex matching the whole name, minus ``exclude_modules``, restricted by ``layers_to_transform``
+    suffixes or a regex matching the whole name, minus ``exclude_modules`` and ``modules_to_save``, restricted by
+    ``layers_to_transform``
     / ``layers_pattern``), as peftkit decides it when injecting adapters."""
     exclude = getattr(config, "exclude_modules", None)
     if exclude and _matches(exclude, key):
         return False
+    if _in_modules_to_save(key, getattr(config, "modules_to_save", None)):
+        return False  # a module copied for training never also gets an adapter
     target = getattr(config, "target_modules", None)
     if target is None:
         raise ValueError(f"{type(config).__name__} has no target_modules; set them to check a module name.")
