@@ -152,6 +152,7 @@ def test_layer_level_peft_names():
     head = model.base_model.model.head
     assert isinstance(head, AuxiliaryTrainingWrapper) and AuxiliaryTrainingWrapper is ModulesToSaveWrapper
     assert head._adapters == {"default", "other"} and head.active_adapters == ["default"]
+    assert head.adapter_layer_names == ("modules_to_save",) and head.other_param_names == ()
     head.set_adapter("other")
     assert head.active_adapters == ["other"]
     head.enable_adapters(False)
@@ -257,3 +258,37 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("cls", ["LoraConfig", "LoKrConfig", "HRAConfig"])
+def test_merge_adapter_merges_what_each_layer_has_active_like_peft(cls):
+    """Layers activated one by one (``layer.set_adapter([...])``, as PEFT's own tests and some clients do): a plain
+    ``merge_adapter()`` merges each layer's active adapters, so the merged model computes what it computed before."""
+    outs = []
+    for lib in (peft, peftkit):
+        model = lib.get_peft_model(_net(), getattr(lib, cls)(target_modules=LINEARS, init_weights=False)
+                                   if cls != "LoraConfig" else lib.LoraConfig(target_modules=LINEARS,
+                                                                              init_lora_weights=False)).eval()
+        torch.manual_seed(1)
+        model.add_adapter("b", getattr(lib, cls)(target_modules=LINEARS, init_weights=False)
+                          if cls != "LoraConfig" else lib.LoraConfig(target_modules=LINEARS, init_lora_weights=False))
+        for m in model.modules():
+            if isinstance(m, (peft.tuners.tuners_utils.BaseTunerLayer, BaseTunerLayer)):
+                m.set_adapter(["default", "b"])
+        with torch.no_grad():
+            both = model(IDS)
+            model.merge_adapter()
+            merged = model(IDS)
+        assert torch.allclose(merged, both, atol=1e-4)
+        outs.append(both)
+    assert outs[0].shape == outs[1].shape
+
+
+def test_two_active_modules_to_save_copies_are_refused_with_peft_message():
+    model = get_peft_model(_net(), LoraConfig(target_modules=["lin0"], modules_to_save=["head"]))
+    model.add_adapter("other", LoraConfig(target_modules=["lin0"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"]  # unchanged
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        model.base_model.model.head.set_adapter(["default", "other"])

@@ -331,7 +331,8 @@ class ModulesToSaveWrapper(nn.Module):
             names = [names]
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
-            raise ValueError(f"Only one adapter's copy of a module can be active at a time, got {present}.")
+            raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper (one trained copy of "
+                             f"the module is used at a time), got {present}.")
         self.active_adapter = present[0] if present else None
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == self.active_adapter and not inference_mode)
@@ -349,6 +350,9 @@ class ModulesToSaveWrapper(nn.Module):
     @property
     def _adapters(self) -> set[str]:
         return set(self.modules_to_save)
+
+    adapter_layer_names = ("modules_to_save",)  # PEFT's names: the per-adapter container of trainable copies
+    other_param_names: tuple[str, ...] = ()
 
     def enable_adapters(self, enabled: bool) -> None:
         """Use the active adapter's copy (``True``) or the original module (``False``, the copies freeze)."""
