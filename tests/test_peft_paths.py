@@ -292,3 +292,39 @@ def test_two_active_modules_to_save_copies_are_refused_with_peft_message():
     assert model.active_adapters == ["default"]  # unchanged
     with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
         model.base_model.model.head.set_adapter(["default", "other"])
+
+
+@pytest.mark.parametrize("kinds", [("dora", "dora", "dora"), ("lora", "dora", "dora"), ("dora", "lora", "dora")])
+@pytest.mark.parametrize("target", ["lin0", "emb", "conv2"])
+def test_several_active_dora_adapters_merge_to_what_they_compute_like_peft(kinds, target):
+    """DoRA's norm comes from the unmerged base weight: merging DoRA adapters one after another (after plain LoRA
+    ones too) gives the outputs of the unmerged forward, and unmerging restores the base weight."""
+    outputs = {}
+    for lib in (peft, peftkit):
+        model = None
+        names = []
+        for i, kind in enumerate(kinds):
+            config = lib.LoraConfig(target_modules=[target], init_lora_weights=False, use_dora=kind == "dora")
+            torch.manual_seed(10 + i)
+            if model is None:
+                model = lib.get_peft_model(_net(), config, adapter_name=f"a{i}").eval()
+            else:
+                model.add_adapter(f"a{i}", config)
+            names.append(f"a{i}")
+        if lib is peftkit:  # the same adapter weights in both libraries (through the checkpoint format)
+            for n in names:
+                set_peft_model_state_dict(model, outputs["theirs_state"][n], adapter_name=n)
+        else:
+            outputs["theirs_state"] = {n: peft.get_peft_model_state_dict(model, adapter_name=n) for n in names}
+        base_weight = model.base_model.model.get_submodule(target).get_base_layer().weight.detach().clone()
+        model.base_model.set_adapter(names)
+        with torch.no_grad():
+            forward = model(IDS)
+            model.merge_adapter()
+            merged = model(IDS)
+            model.unmerge_adapter()
+        assert torch.allclose(merged, forward, atol=1e-4), lib.__name__
+        layer = model.base_model.model.get_submodule(target)
+        assert torch.allclose(layer.get_base_layer().weight, base_weight, atol=1e-5), lib.__name__
+        outputs[lib.__name__] = forward
+    assert torch.allclose(outputs["peftkit"], outputs["peft"], atol=1e-5)

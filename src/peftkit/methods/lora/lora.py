@@ -164,16 +164,41 @@ class LoraLayer(AdapterLayer):
         delta = self.delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora.get(adapter_name):
             return weight + delta
-        factor = self._dora_factor(adapter_name, weight, delta)
+        if not self.merged_adapters:
+            factor = self._dora_factor(adapter_name, weight, delta)
+            self._dora_merge_norm[adapter_name] = factor
+            return factor * (weight + delta)
+        # Other adapters are merged already: DoRA's norm is taken from the unmerged base weight W0, as the forward
+        # pass computes it, and the merge adds what the forward adds, (factor - 1) W0 + factor delta
+        base = self._unmerged_base(weight, self.merged_adapters)
+        factor = self._dora_factor(adapter_name, base, delta)
         self._dora_merge_norm[adapter_name] = factor
-        return factor * (weight + delta)
+        return weight + (factor - 1) * base + factor * delta
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         delta = self.delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora.get(adapter_name):
             return weight - delta
+        if not self.merged_adapters:
+            factor = self._dora_merge_norm.pop(adapter_name)
+            return weight / factor - delta
+        base = self._unmerged_base(weight, list(self.merged_adapters) + [adapter_name])
         factor = self._dora_merge_norm.pop(adapter_name)
-        return weight / factor - delta
+        return weight - (factor - 1) * base - factor * delta
+
+    def _unmerged_base(self, weight: torch.Tensor, merged: Sequence[str]) -> torch.Tensor:
+        """W0 from a weight holding the merges of ``merged``: W = W0 (1 + sum over DoRA (f - 1)) + sum f delta
+        (f = 1 for plain LoRA), solved per output channel with the factors stored at merge time."""
+        num, den = weight, None
+        for name in merged:
+            delta = self.delta_weight(name).to(weight.dtype)
+            if self.use_dora.get(name):
+                f = self._dora_merge_norm[name]
+                num = num - f * delta
+                den = f if den is None else den + (f - 1)
+            else:
+                num = num - delta
+        return num if den is None else num / den
 
 
 class Linear(LoraLayer):
