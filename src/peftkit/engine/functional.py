@@ -19,6 +19,7 @@ from peftkit.engine.config import PeftConfig
 from peftkit.engine.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.engine.save_load import CHECKPOINT_PREFIX, LoadResult, get_adapter_state_dict, set_adapter_state_dict
 from peftkit.engine.targeting import NoMatchingPeftModuleError
+from peftkit.integrations.wrappers import clean_key, full_params, unwrap
 
 _ENGINE_ATTR = "_peftkit_engine"  # where inject_adapter_in_model keeps the engine of a bare model (not a submodule)
 
@@ -33,12 +34,24 @@ def _engine_and_prefix(model: nn.Module) -> tuple[Any, str]:
     if isinstance(model, AdapterModel):
         return model, ""
     engine = model.__dict__.get(_ENGINE_ATTR)
+    if engine is None and not _holds_adapters(model):
+        # DDP, FSDP, torch.compile, DeepSpeed, accelerate: the adapters are on the module the wrapper wraps
+        inner, walked = unwrap(model, _holds_adapters)
+        if walked:
+            return _engine_and_prefix(inner)
     if engine is None:
         raise ValueError(
             f"{type(model).__name__} holds no peftkit adapters; pass a PeftModel (get_peft_model) or a model that "
             "inject_adapter_in_model() gave adapters to."
         )
     return engine, CHECKPOINT_PREFIX
+
+
+def _holds_adapters(model: nn.Module) -> bool:
+    from peftkit.engine.peft_model import PeftModel
+    from peftkit.engine.tuner import AdapterModel
+
+    return isinstance(model, (PeftModel, AdapterModel)) or _ENGINE_ATTR in model.__dict__
 
 
 def inject_adapter_in_model(
@@ -69,7 +82,47 @@ def inject_adapter_in_model(
         engine.inject_adapter(adapter_name, peft_config, loading=state_dict is not None)
     if state_dict is not None:
         set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    elif low_cpu_mem_usage:
+        # as PEFT: the new adapter's tensors take no memory (meta device) until a state dict is loaded into them
+        # with set_peft_model_state_dict(..., low_cpu_mem_usage=True)
+        _adapter_to_meta(engine, adapter_name)
     return model
+
+
+def _adapter_to_meta(engine: Any, adapter_name: str) -> None:
+    # the adapter layers' own tensors only: not modules_to_save copies, nor base biases (bias="all")
+    wanted = {id(t) for _, layer in engine.adapter_layers() for _, t in layer.adapter_parameters(adapter_name)}
+    for module in engine.model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is not None and id(t) in wanted and not t.is_meta:
+                    meta = torch.empty_like(t, device="meta")
+                    store[name] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+
+def _assign_into_meta(engine: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """``low_cpu_mem_usage=True`` loading: each adapter tensor still on the meta device is replaced by a tensor of
+    the checkpoint's values (on the base model's device, in the tensor's dtype); the rest is copied as usual."""
+    from peftkit.engine.save_load import adapter_parameter_map
+
+    prefix = getattr(type(engine), "checkpoint_prefix", CHECKPOINT_PREFIX)
+    live = {id(t): k for k, t in adapter_parameter_map(engine, adapter_name).items() if t.is_meta}
+    if not live:
+        return
+    values = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    device = next((p.device for p in engine.model.parameters() if not p.is_meta), torch.device("cpu"))
+    for module in engine.model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                key = live.get(id(t)) if t is not None else None
+                if key is None or key not in values:
+                    continue
+                value = values[key]
+                if tuple(value.shape) != tuple(t.shape):
+                    raise ValueError(f"Checkpoint tensor {key} has shape {tuple(value.shape)}, but the model expects "
+                                     f"{tuple(t.shape)}.")
+                new = value.detach().to(device=device, dtype=t.dtype, copy=True)
+                store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
 def get_peft_model_state_dict(
@@ -86,23 +139,40 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    outer = model
+    # a wrapper (DDP, FSDP v1, torch.compile, DeepSpeed, accelerate) around the model: its state, under its keys
+    model, walked = unwrap(model, _holds_adapters)
     engine, strip = _engine_and_prefix(model)
     if adapter_name not in engine.peft_config:
         raise ValueError(f"No adapter named {adapter_name!r}; this model has: {', '.join(engine.peft_config)}.")
-    out = get_adapter_state_dict(engine, adapter_name)
-    if save_embedding_layers is True:
-        from peftkit.engine.save_load import _embedding_base_map
+    with full_params(outer, writeback=False) as gathered:  # FSDP v1: the unsharded tensors, on every rank
+        out = get_adapter_state_dict(engine, adapter_name)
+        if save_embedding_layers is True:
+            from peftkit.engine.save_load import _embedding_base_map
 
-        for key, t in _embedding_base_map(engine).items():
-            out.setdefault(CHECKPOINT_PREFIX + key, t.detach())
-    if state_dict is not None:
-        # the same tensors, read from the given state dict: live tensor -> its key in model.state_dict()
-        own = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
-        live = _live_by_checkpoint_key(engine, adapter_name)
-        for key in list(out):
-            name = own.get(id(live.get(key)))
-            if name is not None and name in state_dict:
-                out[key] = state_dict[name]
+            for key, t in _embedding_base_map(engine).items():
+                out.setdefault(CHECKPOINT_PREFIX + key, t.detach())
+        if state_dict is not None:
+            # the same tensors, read from the given state dict: live tensor -> its key in model.state_dict()
+            # (or in the wrapper's: "module.<key>" for DDP, FSDP's keys without its module names)
+            if gathered or walked:
+                own = {id(t): k for k, t in model.named_parameters(remove_duplicate=False)}
+                own.update({id(t): k for k, t in model.named_buffers(remove_duplicate=False)})
+            else:
+                own = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+            live = _live_by_checkpoint_key(engine, adapter_name)
+            lead = "".join(f"{w}." for w in walked)
+            for key in list(out):
+                name = own.get(id(live.get(key)))
+                if name is None:
+                    continue
+                for candidate in (name, lead + name, clean_key(name), lead + clean_key(name)):
+                    if candidate in state_dict:
+                        out[key] = state_dict[candidate]
+                        break
+        if gathered:  # the unsharded storage is freed when FSDP reshards
+            out = {k: v.detach().clone() for k, v in out.items()}
+    out = {clean_key(k): v for k, v in out.items()}
     if strip:
         out = {(k[len(strip):] if k.startswith(strip) else k): v for k, v in out.items()}
     return out
@@ -122,7 +192,10 @@ def set_peft_model_state_dict(
     low_cpu_mem_usage: bool = False,
 ) -> LoadResult:
     """Load PEFT-layout adapter tensors into the existing adapter ``adapter_name``; returns the load result
-    (``missing_keys``, ``unexpected_keys``)."""
+    (``missing_keys``, ``unexpected_keys``). ``model`` may be wrapped (DDP, FSDP v1, torch.compile, DeepSpeed,
+    accelerate): the adapter is found inside, and under FSDP each rank keeps its shard of the loaded values."""
+    outer = model
+    model, _ = unwrap(model, _holds_adapters)
     engine, strip = _engine_and_prefix(model)
     if adapter_name not in engine.peft_config:
         raise ValueError(f"No adapter named {adapter_name!r}; this model has: {', '.join(engine.peft_config)}.")
@@ -130,13 +203,32 @@ def set_peft_model_state_dict(
         peft_model_state_dict = {
             (k if k.startswith(strip) else strip + k): v for k, v in peft_model_state_dict.items()
         }
-    result = set_adapter_state_dict(engine, peft_model_state_dict, adapter_name,
-                                    ignore_mismatched_sizes=ignore_mismatched_sizes)
+    if low_cpu_mem_usage:
+        _assign_into_meta(engine, adapter_name, peft_model_state_dict)
+    with full_params(outer, writeback=True):
+        peft_model_state_dict = _to_wrapped_keys(engine, adapter_name, peft_model_state_dict)
+        result = set_adapter_state_dict(engine, peft_model_state_dict, adapter_name,
+                                        ignore_mismatched_sizes=ignore_mismatched_sizes)
+    result = LoadResult([clean_key(k) for k in result.missing_keys], [clean_key(k) for k in result.unexpected_keys])
     if strip:
         cut = "base_model." + strip
         result = LoadResult([k[len(cut):] if k.startswith(cut) else k for k in result.missing_keys],
                             [k[len(strip):] if k.startswith(strip) else k for k in result.unexpected_keys])
     return result
+
+
+def _to_wrapped_keys(engine: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint keys renamed to the model's paths where wrappers inside it (nested FSDP units, activation
+    checkpointing) insert module names that checkpoints leave out."""
+    from peftkit.engine.save_load import adapter_parameter_map
+
+    renamed = {}
+    for raw in adapter_parameter_map(engine, adapter_name):
+        if clean_key(raw) != raw:
+            renamed[CHECKPOINT_PREFIX + clean_key(raw)] = CHECKPOINT_PREFIX + raw
+    if not renamed:
+        return state_dict
+    return {renamed.get(k, k): v for k, v in state_dict.items()}
 
 
 def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

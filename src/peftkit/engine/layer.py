@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,44 @@ class AdapterLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return innermost_base(self.base_layer)
 
+    # ---- PEFT's BaseTunerLayer names (peftkit.tuners.tuners_utils.BaseTunerLayer is this class)
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """The per-adapter containers of trainable tensors (PEFT's name for ``adapter_slots``)."""
+        return self.adapter_slots
+
+    @property
+    def other_param_names(self) -> tuple[str, ...]:
+        """The other per-adapter attributes, deleted with the adapter (PEFT's name; ``aux_slots`` here)."""
+        return self.aux_slots
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.adapters_disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Enable or disable this layer's adapters (PEFT's rules: disabling freezes them, enabling re-activates the
+        active ones, which makes them trainable)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self.adapters_disabled = False
+        else:
+            for slot in self.adapter_slots:
+                getattr(self, slot).requires_grad_(False)
+            self.adapters_disabled = True
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Sorted names of the adapters this layer holds (PEFT's name)."""
+        return sorted(self.adapter_configs)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's weight update in the base weight's layout (PEFT's name for :meth:`delta_weight`)."""
+        return self.delta_weight(adapter_name)
+
     def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(name within this layer, parameter) of one adapter."""
         for slot in self.adapter_slots:
@@ -194,7 +232,9 @@ class AdapterLayer(nn.Module):
         return self.forward_adapters(x, names, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- management
-    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
+    def set_adapter(self, names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        if isinstance(names, str):  # one name, as PEFT's layers accept (transformers' set_adapter passes one)
+            names = [names]
         self.active_adapters = [n for n in names]
         for name in self.adapter_configs:
             requires_grad = name in names and not inference_mode
@@ -286,10 +326,13 @@ class ModulesToSaveWrapper(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
-    def set_adapter(self, names: Sequence[str], inference_mode: bool = False) -> None:
+    def set_adapter(self, names: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        if isinstance(names, str):
+            names = [names]
         present = [n for n in names if n in self.modules_to_save]
         if len(present) > 1:
-            raise ValueError(f"Only one adapter's copy of a module can be active at a time, got {present}.")
+            raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper (one trained copy of "
+                             f"the module is used at a time), got {present}.")
         self.active_adapter = present[0] if present else None
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == self.active_adapter and not inference_mode)
@@ -299,6 +342,27 @@ class ModulesToSaveWrapper(nn.Module):
             del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
+
+    @property
+    def active_adapters(self) -> list[str]:  # PEFT's AuxiliaryTrainingWrapper names
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    @property
+    def _adapters(self) -> set[str]:
+        return set(self.modules_to_save)
+
+    adapter_layer_names = ("modules_to_save",)  # PEFT's names: the per-adapter container of trainable copies
+    other_param_names: tuple[str, ...] = ()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Use the active adapter's copy (``True``) or the original module (``False``, the copies freeze)."""
+        if enabled:
+            self.adapters_disabled = False
+            if self.active_adapter is not None:
+                self.modules_to_save[self.active_adapter].requires_grad_(True)
+        else:
+            self.modules_to_save.requires_grad_(False)
+            self.adapters_disabled = True
 
     def _active_module(self) -> nn.Module:
         if self.active_adapter is not None and self.active_adapter in self.modules_to_save:

@@ -334,6 +334,13 @@ class PeftModel(nn.Module):
         if self.base_model.adapters_are_disabled:
             yield
             return
+        layers = getattr(self.base_model, "adapter_layers", None)
+        if layers is not None and len({layer.adapters_disabled for _, layer in layers()}) > 1:
+            import warnings
+
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all "
+                          "adapters will be enabled")
         with self.base_model.adapters_disabled():
             yield
 

@@ -95,6 +95,18 @@ def _embedding_base_map(model: "AdapterModel") -> dict[str, torch.Tensor]:
     return out
 
 
+def _base_tensor_map(model: "AdapterModel") -> dict[str, torch.Tensor]:
+    """Path (relative to the wrapped model) -> tensor, for the model's own tensors that belong to no adapter (base
+    layers' weights and biases, buffers)."""
+    adapter_ids = set()
+    for _, layer in model.adapter_layers():
+        for slot in layer.adapter_slots + layer.aux_slots:
+            adapter_ids.update(id(t) for t in getattr(layer, slot).state_dict(keep_vars=True).values())
+    for _, wrapper in model.modules_to_save_wrappers():
+        adapter_ids.update(id(t) for t in wrapper.modules_to_save.state_dict(keep_vars=True).values())
+    return {k: t for k, t in model.model.state_dict(keep_vars=True).items() if id(t) not in adapter_ids}
+
+
 class LoadResult(NamedTuple):
     """What a load did not use (``unexpected_keys``, checkpoint keys) and what it did not fill (``missing_keys``,
     the adapter's parameter names in the model, e.g. ``base_model.model.q.lora_A.default.weight``), as PEFT's
@@ -147,6 +159,7 @@ def set_adapter_state_dict(
     engine = model.engine_adapter_tensors(adapter_name)  # full checkpoint keys
     prefix = getattr(type(model), "checkpoint_prefix", CHECKPOINT_PREFIX)
     base_embeddings: dict[str, torch.Tensor] = {}
+    base_tensors = None
     plan = []
     unexpected = []
     for key, value in state_dict.items():
@@ -158,6 +171,18 @@ def set_adapter_state_dict(
         if short not in targets_for_key:
             if not base_embeddings:
                 base_embeddings = _embedding_base_map(model)
+            if base_tensors is None:
+                base_tensors = _base_tensor_map(model)
+            if short not in base_embeddings and short in base_tensors:
+                # a tensor of the base model under its own path (e.g. biases saved with bias="all" loaded into an
+                # adapter configured without): PEFT loads it into the model, so do we (checked like the rest)
+                live = base_tensors[short]
+                if tuple(live.shape) != tuple(value.shape):
+                    raise ValueError(f"Checkpoint tensor {key} (a base model tensor) has shape {tuple(value.shape)}, "
+                                     f"but the model's is {tuple(live.shape)}; nothing was loaded.")
+                _check_value(key, live, value, allow_nonfinite)
+                plan.append((live, value))
+                continue
             if short in base_embeddings:
                 live = base_embeddings[short]
                 if tuple(live.shape) != tuple(value.shape):
@@ -194,7 +219,8 @@ def set_adapter_state_dict(
         # copy_ into a meta tensor is a silent no-op: the adapter would look loaded and compute nothing
         raise ValueError(
             "The model is on the meta device (built without memory); materialise it first, e.g. "
-            "model.to_empty(device='cpu') and load its base weights, then load the adapter."
+            "model.to_empty(device='cpu') and load its base weights, then load the adapter (an adapter injected "
+            "with low_cpu_mem_usage=True loads with set_peft_model_state_dict(..., low_cpu_mem_usage=True))."
         )
     loaded = {id(live) for live, _ in plan}
     skipped = {i for i, _ in mismatched}  # the user asked for these to keep their initial values

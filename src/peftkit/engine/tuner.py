@@ -94,6 +94,9 @@ class AdapterModel(nn.Module):
     """Holds the user's model as ``self.model`` (so state-dict keys read ``base_model.model.<path>`` inside a
     :class:`~peftkit.engine.peft_model.PeftModel`, as in Hugging Face PEFT) and the adapters injected into it."""
 
+    # PEFT's BaseTuner flag for methods whose adapters share tensors across layers (VeRA); none of peftkit's do
+    uses_shared_state: bool = False
+
     def __init__(
         self, model: nn.Module, config: TargetedConfig, adapter_name: str = "default", loading: bool = False
     ) -> None:
@@ -387,8 +390,9 @@ class AdapterModel(nn.Module):
             present = [n for n in names if n in wrapper.modules_to_save]
             if len(present) > 1:
                 raise ValueError(
-                    f"Adapters {present} each have their own trained copy of {path} (modules_to_save), and only one "
-                    "copy can be used at a time; activate them one by one, or use adapter_names= per row."
+                    f"Only one adapter can be set at a time for ModulesToSaveWrapper {path}: adapters {present} each "
+                    "have their own trained copy of it (modules_to_save), and only one copy can be used at a time; "
+                    "activate them one by one, or use adapter_names= per row."
                 )
         for _, layer in self.adapter_layers():
             layer.set_adapter(names, inference_mode=inference_mode)
@@ -495,13 +499,19 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{self.method.peft_type} adapters cannot be merged into the base weights.")
         names = self._check_names(adapter_names)
         layers = list(self.adapter_layers())
+
+        def names_for(layer: AdapterLayer) -> list[str]:
+            # no names given: each layer merges the adapters active in it (as PEFT; layers may have been set one by one)
+            if adapter_names is not None:
+                return names
+            return [n for n in layer.active_adapters if n in layer.adapter_configs]
         from peftkit.integrations.quantization import check_mergeable
 
         for _, layer in layers:  # a quantised base that cannot be re-quantised refuses before anything changes
             check_mergeable(layer.get_base_layer())
         for path, layer in layers:  # refused before any weight changes
             refusal = getattr(layer, "merge_refusal", lambda: None)()
-            if refusal and any(n in layer.adapter_configs for n in names):
+            if refusal and any(n in layer.adapter_configs for n in names_for(layer)):
                 raise NotImplementedError(f"{path}: {refusal}")
         already = [n for n in dict.fromkeys(m for _, layer in layers for m in layer.merged_adapters)]
         if already:  # as PEFT warns
@@ -514,14 +524,14 @@ class AdapterModel(nn.Module):
         if safe_merge:
             # Check every layer before writing any, so that a failure leaves all base weights untouched.
             for path, layer in layers:
-                bad = layer.first_nonfinite_merge(names)
+                bad = layer.first_nonfinite_merge(names_for(layer))
                 if bad is not None:
                     raise ValueError(
                         f"Merging adapter {bad!r} would put NaN or inf into the weights of {path}; nothing was "
                         "merged. The adapter's weights are broken (check the training run for divergence)."
                     )
         for _, layer in layers:
-            layer.merge(names)
+            layer.merge(names_for(layer))
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():

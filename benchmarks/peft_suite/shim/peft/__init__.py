@@ -1,5 +1,7 @@
 """Test shim: `import peft` gives peftkit's public API; any other name (and any peft.* submodule) is a stand-in
-that fails when used, so PEFT's tests run against peftkit."""
+that fails when used, so PEFT's tests run against peftkit. A ``peft.<sub>`` module gives ``peftkit.<sub>``'s names
+where peftkit has that module (``peft.tuners.tuners_utils`` -> ``peftkit.tuners.tuners_utils``), stand-ins for the
+rest."""
 import importlib.abc, importlib.machinery, sys, types
 import peftkit
 from peftkit import *  # noqa
@@ -31,10 +33,24 @@ def __getattr__(name):
 _HELPERS = {"infer_device": lambda: "cpu"}
 
 
+def _real(fullname):
+    """peftkit's module at PEFT's path (peft.tuners.lora -> peftkit.tuners.lora), or None where peftkit has none."""
+    try:
+        return importlib.import_module("peftkit" + fullname[len("peft"):])
+    except ImportError:
+        return None
+
+
 class _Mod(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
+        real = self.__dict__.get("_peftkit_real")
+        if real is not None and hasattr(real, name):
+            value = getattr(real, name)
+            if isinstance(value, types.ModuleType):  # a subpackage: through the shim too (stand-ins for the rest)
+                return importlib.import_module(f"{self.__name__}.{name}")
+            return value
         if hasattr(peftkit, name):
             return getattr(peftkit, name)
         if name in _HELPERS:
@@ -54,7 +70,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         m = _Mod(spec.name); m.__path__ = []; return m
     def exec_module(self, module):
-        pass
+        module._peftkit_real = _real(module.__name__)
 
 sys.meta_path.insert(0, _Finder())
 __path__ = []

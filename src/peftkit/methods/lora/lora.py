@@ -233,6 +233,12 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         return r
 
+    # PEFT's names: the per-adapter attributes besides the trainable containers (adapter_layer_names)
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __repr__(self) -> str:  # "lora.Linear(...)", as PEFT prints its layers
+        return "lora." + super().__repr__()
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self._dora_merge_norm, self.lora_qkv_parts,
@@ -257,16 +263,41 @@ class LoraLayer(AdapterLayer):
         delta = self.delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora.get(adapter_name):
             return weight + delta
-        factor = self._dora_factor(adapter_name, weight, delta)
+        if not self.merged_adapters:
+            factor = self._dora_factor(adapter_name, weight, delta)
+            self._dora_merge_norm[adapter_name] = factor
+            return factor * (weight + delta)
+        # Other adapters are merged already: DoRA's norm is taken from the unmerged base weight W0, as the forward
+        # pass computes it, and the merge adds what the forward adds, (factor - 1) W0 + factor delta
+        base = self._unmerged_base(weight, self.merged_adapters)
+        factor = self._dora_factor(adapter_name, base, delta)
         self._dora_merge_norm[adapter_name] = factor
-        return factor * (weight + delta)
+        return weight + (factor - 1) * base + factor * delta
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         delta = self.delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora.get(adapter_name):
             return weight - delta
+        if not self.merged_adapters:
+            factor = self._dora_merge_norm.pop(adapter_name)
+            return weight / factor - delta
+        base = self._unmerged_base(weight, list(self.merged_adapters) + [adapter_name])
         factor = self._dora_merge_norm.pop(adapter_name)
-        return weight / factor - delta
+        return weight - (factor - 1) * base - factor * delta
+
+    def _unmerged_base(self, weight: torch.Tensor, merged: Sequence[str]) -> torch.Tensor:
+        """W0 from a weight holding the merges of ``merged``: W = W0 (1 + sum over DoRA (f - 1)) + sum f delta
+        (f = 1 for plain LoRA), solved per output channel with the factors stored at merge time."""
+        num, den = weight, None
+        for name in merged:
+            delta = self.delta_weight(name).to(weight.dtype)
+            if self.use_dora.get(name):
+                f = self._dora_merge_norm[name]
+                num = num - f * delta
+                den = f if den is None else den + (f - 1)
+            else:
+                num = num - delta
+        return num if den is None else num / den
 
     # ---- lora_bias: LoRA-B's bias (times the scaling) is added to the output and merged into the base bias
     def _warn_if_bias_unmergeable(self, adapter_name: str) -> None:
@@ -816,8 +847,20 @@ class MultiheadAttention(LoraLayer):
         raise TypeError("lora.MultiheadAttention does not support mixed adapter batches (adapter_names=, one "
                         "adapter per row), as in PEFT; use one adapter per call.")
 
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
+
+class Conv1d(ConvNd):
+    """LoRA on ``nn.Conv1d`` (PEFT's name; the layer is :class:`ConvNd`)."""
+
+
+class Conv2d(ConvNd):
+    """LoRA on ``nn.Conv2d`` (PEFT's name; the layer is :class:`ConvNd`)."""
+
+
+class Conv3d(ConvNd):
+    """LoRA on ``nn.Conv3d`` (PEFT's name; the layer is :class:`ConvNd`)."""
+
+
+_CONV_LAYERS = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 
 
 def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> Optional[LoraLayer]:
@@ -841,7 +884,7 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
                     f"groups (as in PEFT 0.21); got r={ranks.pop()}. Choose such a rank (rank_pattern can set it for "
                     "this layer) or exclude the layer from target_modules."
                 )
-        layer = ConvNd(target)
+        layer = _CONV_LAYERS.get(base.weight.dim() - 2, ConvNd)(target)
     else:
         return None
     layer.update_layer(adapter_name, config, module_name=module_name, loading=loading)

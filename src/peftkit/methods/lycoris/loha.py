@@ -22,6 +22,7 @@ Forward paths of a Linear layer (see :meth:`LoHaLayer.forward_path`; ``layer.for
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence, Union
 
@@ -110,6 +111,28 @@ def _kaiming(t: torch.Tensor) -> None:
 def conv_kernel(base: nn.Module) -> Optional[tuple[int, ...]]:
     """Kernel size of a Conv1d/Conv2d base layer, None for Linear."""
     return tuple(base.kernel_size) if isinstance(base, (nn.Conv1d, nn.Conv2d)) else None
+
+
+class ForwardPaths(Mapping):
+    """``layer.forward_paths``: adapter name -> the forward path it takes now; a live view of the layer (deleted
+    adapters leave it, the paths follow the layer's mode)."""
+
+    def __init__(self, layer: "LycorisLayerBase") -> None:
+        self._layer = layer
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._layer.adapter_configs:
+            raise KeyError(name)
+        return self._layer.forward_path(name)
+
+    def __iter__(self):
+        return iter(list(self._layer.adapter_configs))
+
+    def __len__(self) -> int:
+        return len(self._layer.adapter_configs)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 class LycorisLayerBase(AdapterLayer):
@@ -272,8 +295,8 @@ class LoHaLayer(LycorisLayerBase):
         return "merged"
 
     @property
-    def forward_paths(self) -> dict[str, str]:
-        return {name: self.forward_path(name) for name in self.adapter_configs}
+    def forward_paths(self) -> "ForwardPaths":
+        return ForwardPaths(self)
 
     def _linear_delta_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         factors = self._factors(adapter_name)

@@ -35,7 +35,7 @@ from peftkit.engine.validation import SCALE_LIMIT, ConfigTypeError, Rule
 from peftkit.engine.layer import innermost_base
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.lycoris import lycoris_ops as ops
-from peftkit.methods.lycoris.loha import LycorisLayerBase, LycorisSharedConfig, _kaiming, is_supported_base
+from peftkit.methods.lycoris.loha import ForwardPaths, LycorisLayerBase, LycorisSharedConfig, _kaiming, is_supported_base
 from peftkit.methods.lora.lora import LORA
 
 # KronA's rank: any r >= max(b, d) / 2 makes both Kronecker factors full; this covers factors up to 131072.
@@ -217,8 +217,8 @@ class LoKrLayer(LycorisLayerBase):
         return self.lokr_w2_a[adapter_name].shape[0], self.lokr_w2_b[adapter_name].shape[1]
 
     @property
-    def forward_paths(self) -> dict[str, str]:
-        return {name: self.forward_path(name) for name in self.adapter_configs}
+    def forward_paths(self) -> "ForwardPaths":
+        return ForwardPaths(self)
 
     def _linear_delta_out(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self._w1(adapter_name), self._w2(adapter_name)

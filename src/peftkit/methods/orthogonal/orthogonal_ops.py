@@ -163,7 +163,9 @@ class _BlockRotatedLinear(torch.autograd.Function):
 def block_rotated_linear(x: torch.Tensor, blocks: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x @ blockdiag(blocks), weight, bias)``; the fused path needs a frozen ``weight``."""
-    if weight.requires_grad:
+    # the weight's gradient is needed only when autograd records (FSDP v1 hands a frozen weight in as a view with
+    # requires_grad=True): under no_grad the fused path is taken either way, so outputs do not depend on wrapping
+    if weight.requires_grad and torch.is_grad_enabled():
         return torch.nn.functional.linear(block_rotate(x, blocks), weight, bias)
     return _BlockRotatedLinear.apply(x, blocks, weight, bias)
 
@@ -306,7 +308,7 @@ class _HouseholderLinear(torch.autograd.Function):
 
 def householder_linear(x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x @ H^T, weight, bias)`` for HRA without Gram-Schmidt; fused when ``weight`` is frozen."""
-    if weight.requires_grad:
+    if weight.requires_grad and torch.is_grad_enabled():  # see block_rotated_linear
         return torch.nn.functional.linear(householder_rotate_input(x, u, False), weight, bias)
     u = u.to(x.dtype)
     return _HouseholderLinear.apply(x, u, householder_t_from_raw(u), weight, bias)
