@@ -54,6 +54,7 @@ from peftkit.engine.functional import (
 )
 from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
+from peftkit.engine.mixed import PeftMixedModel
 from peftkit.integrations import PeftkitCallback
 from peftkit.integrations.quantization import prepare_model_for_kbit_training
 
@@ -133,4 +134,5 @@ __all__ = [
     "create_loraplus_optimizer",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
+    "PeftMixedModel",
 ]
