@@ -483,7 +483,9 @@ class ConvNd(LoraLayer):
         dropout = self.lora_dropout[adapter_name]
         scaling = self.scaling[adapter_name]
         x_d = dropout(x)
-        lora = b(a(x_d.to(a.weight.dtype))).to(result.dtype) * scaling
+        if self.cast_input_dtype_enabled:  # off inside peftkit.helpers.disable_input_dtype_casting
+            x_d = x_d.to(a.weight.dtype)
+        lora = b(a(x_d)).to(result.dtype) * scaling
         if not self.use_dora[adapter_name]:
             return result + lora
         base = self.get_base_layer()
