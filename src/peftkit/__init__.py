@@ -55,6 +55,7 @@ from peftkit.engine.functional import (
 from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.engine.mixed import PeftMixedModel
+from peftkit.methods.lora.lorafa import LoraFAOptimizer, create_lorafa_optimizer
 from peftkit.integrations import PeftkitCallback
 from peftkit.integrations.quantization import prepare_model_for_kbit_training
 
@@ -135,4 +136,6 @@ __all__ = [
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "PeftMixedModel",
+    "LoraFAOptimizer",
+    "create_lorafa_optimizer",
 ]
