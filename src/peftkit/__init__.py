@@ -53,6 +53,8 @@ from peftkit.engine.functional import (
     set_peft_model_state_dict,
 )
 from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+from peftkit.methods.lora.hotswap import prepare_model_for_compiled_hotswap
+from peftkit.methods.lora.loftq import LoftQConfig
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.engine.mixed import PeftMixedModel
 from peftkit.methods.lora.lorafa import LoraFAOptimizer, create_lorafa_optimizer
@@ -138,4 +140,6 @@ __all__ = [
     "PeftMixedModel",
     "LoraFAOptimizer",
     "create_lorafa_optimizer",
+    "prepare_model_for_compiled_hotswap",
+    "LoftQConfig",
 ]
