@@ -47,6 +47,8 @@ def _layer_method(layer: AdapterLayer) -> Optional[str]:
 class MixedAdapterModel(AdapterModel):
     """The engine of :class:`PeftMixedModel`: layers of several methods, nested per module."""
 
+    flatten_nested_layer_paths = True  # checkpoints in the single-method layout (see save_load.adapter_parameter_map)
+
     def _accepts_other_method(self, config: Any) -> bool:
         check_config_compatible(config)
         return True

@@ -34,11 +34,12 @@ def _strip_adapter(local_name: str, adapter_name: str) -> str:
 def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """Checkpoint key (without ``base_model.model.``) -> live tensor in the model, for one adapter."""
     out: dict[str, torch.Tensor] = {}
-    layer_paths = {path for path, _ in model.adapter_layers()}
+    # PeftMixedModel: a layer nested in another method's layer is saved under the module's own path, as a
+    # single-method model saves it ("<module>.base_layer.hada_w1" -> "<module>.hada_w1"); other engines keep theirs
+    flatten = getattr(type(model), "flatten_nested_layer_paths", False)
+    layer_paths = {path for path, _ in model.adapter_layers()} if flatten else set()
     for path, layer in model.adapter_layers():
-        # a layer nested in another adapter layer (PeftMixedModel) is saved under the module's own path, as a
-        # single-method model saves it: "<module>.base_layer.hada_w1" -> "<module>.hada_w1"
-        while path.endswith(".base_layer") and path[: -len(".base_layer")] in layer_paths:
+        while flatten and path.endswith(".base_layer") and path[: -len(".base_layer")] in layer_paths:
             path = path[: -len(".base_layer")]
         for local, p in layer.adapter_parameters(adapter_name):
             out[f"{path}.{_strip_adapter(local, adapter_name)}"] = p
