@@ -204,3 +204,24 @@ def test_load_peft_saved_adapters_into_mixed_model(tmp_path):
     ours.set_adapter(list(CONFIGS))
     with torch.no_grad():
         torch.testing.assert_close(ours(X), theirs(X), atol=1e-6, rtol=1e-5)
+
+
+def test_delete_list_with_a_merged_adapter_is_atomic():
+    ours = _build(peftkit, {"first": lambda lib: lib.LoraConfig(target_modules=["lin0"]),
+                            "second": lambda lib: lib.LoHaConfig(target_modules=["lin1"])})
+    ours.base_model.merge_adapter(adapter_names=["second"])
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['second'\] while they are merged"):
+        ours.delete_adapter(["first", "second"])
+    assert set(ours.peft_config) == {"first", "second"}
+    assert "first" in ours.base_model.model.lin0.adapter_configs
+    ours.delete_adapter(["first"])  # not merged: fine, and the other adapter stays active
+    assert ours.active_adapters == ["second"]
+
+
+def test_two_adapters_with_the_same_modules_to_save_cannot_be_active_together():
+    ours = get_peft_model(_net(), peftkit.LoraConfig(target_modules=["lin0"], modules_to_save=["head"]), "first",
+                          mixed=True)
+    ours.add_adapter("second", peftkit.LoHaConfig(target_modules=["lin0"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        ours.set_adapter(["first", "second"])
+    assert ours.active_adapters == ["first"]

@@ -163,6 +163,9 @@ class PeftMixedModel(PeftModel):
         missing = sorted(set(names) - set(self.peft_config))
         if missing:
             raise ValueError(f"Adapter(s) {missing} not found, available adapters: {sorted(self.peft_config)}")
+        merged = [n for n in names if any(n in layer.merged_adapters for _, layer in self.base_model.adapter_layers())]
+        if merged:  # checked for the whole list first: nothing is deleted (PEFT's message)
+            raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
         for name in names:
             super().delete_adapter(name)
 

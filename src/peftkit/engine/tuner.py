@@ -376,7 +376,8 @@ class AdapterModel(nn.Module):
             present = [n for n in names if n in wrapper.modules_to_save]
             if len(present) > 1:
                 raise ValueError(
-                    f"Adapters {present} each have their own trained copy of {path} (modules_to_save), and only one "
+                    "Only one adapter can be set at a time for ModulesToSaveWrapper: "  # PEFT's words
+                    f"adapters {present} each have their own trained copy of {path} (modules_to_save), and only one "
                     "copy can be used at a time; activate them one by one, or use adapter_names= per row."
                 )
         for _, layer in self.adapter_layers():
