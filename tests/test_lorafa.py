@@ -58,6 +58,11 @@ def test_matches_peft_lorafa(monkeypatch, use_rslora):
     opt_t = peft_lorafa.create_lorafa_optimizer(theirs, r=4, lora_alpha=8, lr=1e-2, weight_decay=0.01)
     opt_o = create_lorafa_optimizer(ours, r=4, lora_alpha=8, lr=1e-2, weight_decay=0.01)
     assert isinstance(opt_o, LoraFAOptimizer)
+    group = opt_o.param_groups[0]  # PEFT's group keys: names and per-parameter scaling factors
+    pairs = dict(zip(group["names"], group["scaling_factors"]))
+    assert pairs["base_model.model.lin0.lora_B.default.weight"] == pytest.approx(
+        ours.base_model.model.lin0.scaling["default"])
+    assert pairs["base_model.model.head.modules_to_save.default.weight"] is None
     assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_A" in n)
     _train(theirs, opt_t)
     _train(ours, opt_o)

@@ -149,18 +149,19 @@ def create_lorafa_optimizer(model: nn.Module, r: int, lora_alpha: float, lr: flo
                 for p in getattr(module, slot).parameters():
                     p.requires_grad_(False)
     pairs = _lora_pairs(model, lora_active)
-    params, partners, scalings = [], {}, []
-    for _, p in model.named_parameters():
+    params, names, partners, scalings = [], [], {}, []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         params.append(p)
+        names.append(name)
         a, s = pairs.get(id(p), (None, None))
         if a is not None:
             partners[p] = a
         scalings.append(s)
     if not params:
         raise ValueError("create_lorafa_optimizer: the model has no trainable parameter besides the frozen A factors.")
-    group = {"params": params, "scaling_factors": scalings, "lr": lr, "weight_decay": weight_decay,
+    group = {"params": params, "names": names, "scaling_factors": scalings, "lr": lr, "weight_decay": weight_decay,
              "betas": (0.9, 0.999)}
     return LoraFAOptimizer([group], lr=lr, weight_decay=weight_decay, lora_a=partners)
 
