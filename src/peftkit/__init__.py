@@ -53,7 +53,11 @@ from peftkit.engine.functional import (
     set_peft_model_state_dict,
 )
 from peftkit.methods.lora.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+from peftkit.methods.lora.hotswap import prepare_model_for_compiled_hotswap
+from peftkit.methods.lora.loftq import LoftQConfig
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
+from peftkit.engine.mixed import PeftMixedModel
+from peftkit.methods.lora.lorafa import LoraFAOptimizer, create_lorafa_optimizer
 from peftkit.integrations import PeftkitCallback
 from peftkit.integrations.quantization import prepare_model_for_kbit_training
 from peftkit.engine.warnings import PeftWarning  # PEFT 0.21 LoRA features (f17a)
@@ -141,4 +145,9 @@ __all__ = [
     "ParamWrapper",
     "TrainableTokensLayer",
     "TrainableTokensWrapper",
+    "PeftMixedModel",
+    "LoraFAOptimizer",
+    "create_lorafa_optimizer",
+    "prepare_model_for_compiled_hotswap",
+    "LoftQConfig",
 ]

@@ -207,7 +207,11 @@ class PeftConfig:
             from peftkit.engine.registry import get_method
 
             real = get_method(data["peft_type"]).config_cls
-            if not issubclass(cls, real):
+            from peftkit.engine.registry import supported_methods
+
+            # another method's own config class (AdaLoraConfig subclasses LoraConfig) is not "a subclass of it"
+            other_method = any(get_method(m).config_cls is cls for m in supported_methods()) and cls is not real
+            if not issubclass(cls, real) or other_method:
                 target_cls = real
         return target_cls.from_file_data(data, path)
 

@@ -94,6 +94,8 @@ class AdapterLayer(nn.Module):
     """Base class of every layer-wrapping method. See the module docstring for the contract."""
 
     adapter_slots: tuple[str, ...] = ()
+    # Whether a layer casts its input to the adapter's dtype where it does (peftkit.helpers.disable_input_dtype_casting)
+    cast_input_dtype_enabled: bool = True
     # Per-adapter containers that hold no trainable state (dropout modules, buffers); deleted with the adapter.
     aux_slots: tuple[str, ...] = ()
 

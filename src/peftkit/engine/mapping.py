@@ -26,8 +26,12 @@ def get_peft_model(
     ``autocast_adapter_dtype=False`` keeps the adapter in the base layers' dtype (default: float32 adapters on a
     float16/bfloat16 base). ``revision`` is recorded in the config.
     """
-    if mixed:
-        raise NotImplementedError("peftkit has no PeftMixedModel (adapters of different methods on one model) yet.")
+    if mixed:  # adapters of different methods on one model (LoRA + LoHa + ...), as PEFT's PeftMixedModel
+        from peftkit.engine.mixed import PeftMixedModel
+
+        if isinstance(model, PeftModel):
+            raise ValueError("The model already is a PeftModel; use model.add_adapter(name, config) to add an adapter.")
+        return PeftMixedModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
     if isinstance(peft_config, str):  # a config string, e.g. "seq_bn[reduction_factor=8]"
         from peftkit.engine.registry import config_from_string
 

@@ -34,7 +34,13 @@ def _strip_adapter(local_name: str, adapter_name: str) -> str:
 def adapter_parameter_map(model: "AdapterModel", adapter_name: str) -> dict[str, torch.Tensor]:
     """Checkpoint key (without ``base_model.model.``) -> live tensor in the model, for one adapter."""
     out: dict[str, torch.Tensor] = {}
+    # PeftMixedModel: a layer nested in another method's layer is saved under the module's own path, as a
+    # single-method model saves it ("<module>.base_layer.hada_w1" -> "<module>.hada_w1"); other engines keep theirs
+    flatten = getattr(type(model), "flatten_nested_layer_paths", False)
+    layer_paths = {path for path, _ in model.adapter_layers()} if flatten else set()
     for path, layer in model.adapter_layers():
+        while flatten and path.endswith(".base_layer") and path[: -len(".base_layer")] in layer_paths:
+            path = path[: -len(".base_layer")]
         for local, p in layer.adapter_parameters(adapter_name):
             out[f"{path}.{_strip_adapter(local, adapter_name)}"] = p
         for local, buf in getattr(layer, "adapter_buffers", lambda _n: [])(adapter_name):
@@ -253,7 +259,9 @@ def set_adapter_state_dict(
             copy_into(live, value)  # a sharded parameter (FSDP2, ZeRO-3) keeps its own slice
     model.after_adapter_loaded(adapter_name)
     names = {id(t): f"base_model.{n}" for n, t in model.state_dict(keep_vars=True).items()}
-    method_prefix = model.method.prefix
+    from peftkit.engine.registry import method_for_config
+
+    method_prefix = method_for_config(model.peft_config[adapter_name]).prefix  # this adapter's method (mixed models)
     missing_names = [names.get(id(t), prefix + k) for k, t in targets.items() if id(t) not in loaded]
     # as PEFT: only the adapter layers' own tensors count as missing (not modules_to_save copies)
     missing_names = [n for n in missing_names if method_prefix in n and adapter_name in n]

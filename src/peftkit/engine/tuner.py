@@ -201,6 +201,14 @@ class AdapterModel(nn.Module):
                 raise ValueError(f"target_modules='all-linear' found no linear layer in {type(self.model).__name__}.")
         return config
 
+    def _accepts_other_method(self, config: TargetedConfig) -> bool:
+        """Whether an adapter of another method than the first one's may join (PeftMixedModel's engine: yes)."""
+        return False
+
+    def _layer_to_update(self, module: nn.Module, spec: MethodSpec) -> Optional[AdapterLayer]:
+        """The adapter layer at a targeted module that takes the new adapter (None: wrap the module in a new one)."""
+        return module if isinstance(module, AdapterLayer) else None
+
     def inject_adapter(self, adapter_name: str, config: TargetedConfig, loading: bool = False) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets.
 
@@ -213,7 +221,7 @@ class AdapterModel(nn.Module):
             raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another name or delete it first.")
         if self.peft_config:
             first = next(iter(self.peft_config.values()))
-            if str(first.peft_type) != str(config.peft_type):
+            if str(first.peft_type) != str(config.peft_type) and not self._accepts_other_method(config):
                 raise ValueError(
                     f"This model holds {first.peft_type} adapters; an adapter of another method ({config.peft_type}) "
                     "cannot be added to it."
@@ -251,9 +259,10 @@ class AdapterModel(nn.Module):
             wrapped, skipped = 0, []
             for name in targets:
                 module = self.model.get_submodule(name)
-                if isinstance(module, AdapterLayer):
-                    module.update_layer(adapter_name, config, module_name=name, loading=loading)
-                    module.adapter_configs[adapter_name] = config
+                owner = self._layer_to_update(module, spec)
+                if owner is not None:
+                    owner.update_layer(adapter_name, config, module_name=name, loading=loading)
+                    owner.adapter_configs[adapter_name] = config
                     wrapped += 1
                     continue
                 quant_kind = _quant.backend(innermost_base(module))

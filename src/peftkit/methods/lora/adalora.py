@@ -34,6 +34,7 @@ from peftkit.engine.tuner import AdapterModel
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.lora.adalora_budget import RankAllocator, Triplet, apply_rank_pattern, budget_schedule
 from peftkit.methods.common import adapter_dtype, conv1d_cls
+from peftkit.methods.lora.lora import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,11 @@ _EPS = 1e-5  # added to ranknum in the scaling, as Hugging Face PEFT does
 
 
 @dataclass
-class AdaLoraConfig(TargetedConfig):
+class AdaLoraConfig(LoraConfig):
     """Configuration of AdaLoRA adapters; field names and meanings follow Hugging Face PEFT.
+
+    As in PEFT it is a subclass of :class:`LoraConfig` (``isinstance(AdaLoraConfig(...), LoraConfig)``; it has
+    every LoRA field), but it keeps its own defaults and checks: LoRA's validation does not run on it.
 
     Training has three phases: ``tinit`` warm-up steps at the full rank ``init_r``; a budgeting phase until
     ``total_step - tfinal`` in which the total rank shrinks cubically to ``target_r`` per matrix on average
@@ -82,12 +86,13 @@ class AdaLoraConfig(TargetedConfig):
         # (ranges of the schedule fields are checked in __post_init__, with messages about the schedule)
         "total_step": Rule(type=Any), "init_lora_weights": Rule(type=Any),
         "lora_alpha": Rule(type=float, min=-SCALE_LIMIT, max=SCALE_LIMIT), "r": Rule(min=1),
+        "rank_pattern": Rule(type=Any),  # keep-masks (lists of booleans), not LoRA's per-module ranks
     }
     rank_fields: ClassVar[tuple[str, ...]] = ("init_r",)
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.ADALORA
-        super().__post_init__()
+        TargetedConfig.__post_init__(self)  # AdaLoRA's own checks below replace LoraConfig's
         if self.total_step is None or not isinstance(self.total_step, int) or self.total_step <= 0:
             raise ValueError(
                 "AdaLoraConfig needs total_step, the number of optimiser steps of the training run (e.g. "

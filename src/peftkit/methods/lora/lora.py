@@ -52,6 +52,15 @@ class LoraConfig(TargetedConfig):
                   "residual kept in the base weight."},
     )
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA: learn a magnitude per output."})
+    # data-aware initialisations (issue 17): LoftQ runs here; EVA and CorDA need data peftkit does not collect yet
+    loftq_config: Union[dict, Any] = field(
+        default_factory=dict,
+        metadata={"help": "With init_lora_weights='loftq': LoftQConfig(loftq_bits=4|8, loftq_iter=n) or its dict."},
+    )
+    eva_config: Optional[Any] = field(default=None, metadata={"help": "EVA's settings (init_lora_weights='eva'); "
+                                                                      "not supported by peftkit yet."})
+    corda_config: Optional[Any] = field(default=None, metadata={"help": "CorDA's settings (init_lora_weights="
+                                                                        "'corda'); not supported by peftkit yet."})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank, keys are regexes."})
     alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module alpha, keys are regexes."})
     # ---- PEFT 0.21 LoRA features (drop-in parity, issue 17)
@@ -127,10 +136,11 @@ class LoraConfig(TargetedConfig):
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "orthogonal") or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
+        _check_data_aware_init(self)
+        if not (isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "orthogonal", "loftq") or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
             raise ValueError(
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-                "'pissa_niter_<n>', 'olora' or 'orthogonal'."
+                "'pissa_niter_<n>', 'olora', 'orthogonal' or 'loftq'."
             )
         if isinstance(init, str) and init.startswith("pissa_niter_") and int(init.rsplit("_", 1)[1]) > PISSA_MAX_NITER:
             raise ValueError(
@@ -178,6 +188,41 @@ _UNSUPPORTED_LORA_FIELDS = {
     "lora_ga_config": "LoRA-GA initialisation",
     "megatron_config": "LoRA on Megatron-LM parallel layers",
 }
+
+
+def _check_data_aware_init(config: "LoraConfig") -> None:
+    """init_lora_weights 'loftq' / 'eva' / 'corda' and their sub-configs, with PEFT's rules and messages."""
+    init = config.init_lora_weights
+    if init in ("eva", "corda"):
+        need = ("initialize_lora_eva_weights(model, dataloader) (activation SVD of each layer's inputs)" if init == "eva"
+                else "preprocess_corda(model, config, run_model) (covariance of each layer's inputs)")
+        raise NotImplementedError(
+            f"init_lora_weights={init!r} is not supported by peftkit yet: it needs data, through PEFT's {need}. "
+            "Initialise the adapter with Hugging Face PEFT and load the saved adapter with peftkit "
+            "(PeftModel.from_pretrained), or use init_lora_weights='pissa' / 'olora' (from the weights alone)."
+        )
+    if config.eva_config is not None or config.corda_config is not None:
+        import warnings
+
+        which = "eva_config" if config.eva_config is not None else "corda_config"
+        warnings.warn(f"`{which}` specified but will be ignored when `init_lora_weights` is not "
+                      f"'{which.split('_')[0]}'.")
+        config.eva_config = config.corda_config = None
+    if init == "loftq":
+        from peftkit.methods.lora.loftq import check_loftq_settings
+
+        if not config.loftq_config:
+            raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+        if not isinstance(config.loftq_config, dict):
+            config.loftq_config = dict(vars(config.loftq_config))
+        check_loftq_settings(config.loftq_config.get("loftq_bits", 4), config.loftq_config.get("loftq_iter", 1))
+        if config.use_dora:
+            raise ValueError("init_lora_weights='loftq' cannot be combined with use_dora.")
+    elif config.loftq_config:
+        import warnings
+
+        config.loftq_config = {}
+        warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -409,6 +454,8 @@ class Linear(LoraLayer):
             self._pissa_init(adapter_name, init)
         elif init == "olora":
             self._olora_init(adapter_name)
+        elif init == "loftq":
+            self._loftq_init(adapter_name, config, module_name)
         elif init == "orthogonal":
             new_a, new_b = lora_ops.orthogonal_factors(self.in_features, self.out_features, r, dtype, base_w.device)
             with torch.no_grad():
@@ -444,6 +491,24 @@ class Linear(LoraLayer):
                 a.copy_(new_a)
                 b.copy_(new_b)
             base.weight.copy_(residual.t() if self.fan_in_fan_out else residual)
+
+    def _loftq_init(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        """LoftQ (see peftkit.methods.lora.loftq): the base weight becomes its dequantised quantisation Q, A and B
+        fit what Q lost."""
+        from peftkit.methods.lora.loftq import loftq_factors
+
+        base = self.get_base_layer()
+        if _quant.is_quantized(base):
+            raise ValueError(f"init_lora_weights='loftq' needs the unquantised weight of {module_name or 'the layer'} "
+                             "(it quantises it itself); load the base model without quantisation.")
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        settings = config.loftq_config
+        new_a, new_b, q = loftq_factors(self._oriented_base_weight(), a.shape[0], self.scaling[adapter_name],
+                                        settings.get("loftq_bits", 4), settings.get("loftq_iter", 1))
+        with torch.no_grad():
+            a.copy_(new_a)
+            b.copy_(new_b)
+            base.weight.copy_(q.t() if self.fan_in_fan_out else q)
 
     def _olora_init(self, adapter_name: str, residual_only: bool = False) -> None:
         """OLoRA: A, B from the QR decomposition of W, W replaced by the residual (``residual_only``: on load)."""
@@ -621,7 +686,7 @@ class Embedding(LoraLayer):
             raise ValueError(f"lora_bias=True is not supported for nn.Embedding ({module_name}), as in PEFT; exclude "
                              "it from target_modules or set lora_bias=False.")
         r = self._set_hyper(adapter_name, config, module_name)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal", "loftq")):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
                              f"not for nn.Embedding ({module_name}); exclude it from target_modules.")
         w = self.get_base_layer().weight
@@ -676,7 +741,7 @@ class ConvNd(LoraLayer):
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "", loading: bool = False) -> None:
         r = self._set_hyper(adapter_name, config, module_name)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal")):
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora", "orthogonal", "loftq")):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is supported for linear layers only, "
                              f"not for convolutions ({module_name}); exclude it from target_modules.")
         base = self.get_base_layer()
@@ -733,7 +798,9 @@ class ConvNd(LoraLayer):
         dropout = self.lora_dropout[adapter_name]
         scaling = self.scaling[adapter_name]
         x_d = dropout(x)
-        lora = b(a(x_d.to(a.weight.dtype))).to(result.dtype) * scaling
+        if self.cast_input_dtype_enabled:  # off inside peftkit.helpers.disable_input_dtype_casting
+            x_d = x_d.to(a.weight.dtype)
+        lora = b(a(x_d)).to(result.dtype) * scaling
         if not self.use_dora[adapter_name]:
             return result + lora
         base = self.get_base_layer()

@@ -210,7 +210,29 @@ class OrthogonalLayer(AdapterLayer):
                 scale = s if scale is None else scale * s
         return scale
 
+    def _forward_nested(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Forward when ``base_layer`` is another method's adapter layer (PeftMixedModel): the rotated input goes
+        through that layer (with its own adapters), as PEFT composes them."""
+        if self.kind != "linear":
+            raise NotImplementedError(
+                f"{type(self).__name__} on a {self.kind} layer cannot be stacked on another method's adapter layer; "
+                "in a PeftMixedModel add the rotation adapter first, or target other modules with it."
+            )
+        for name in names:
+            self._prepare(name)
+        h = x
+        for name in reversed(list(names)):
+            h = self._rotate(name, h)
+        out = self.base_layer(h, *args, **kwargs)
+        scale = self._output_scale(names, x.dtype)
+        if scale is None:
+            return out
+        bias = self.get_base_layer().bias
+        return out * scale if bias is None else (out - bias) * scale + bias
+
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(self.base_layer, AdapterLayer):
+            return self._forward_nested(x, names, *args, **kwargs)
         for name in names:
             self._prepare(name)
         base = self.get_base_layer()
@@ -241,7 +263,7 @@ class OrthogonalLayer(AdapterLayer):
         return self.forward_adapters(x, [adapter_name], *args, **kwargs)
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.kind != "linear":
+        if self.kind != "linear" or isinstance(self.base_layer, AdapterLayer):
             return super().forward_mixed(x, batch, *args, **kwargs)
         names = [n for n in batch.groups if n != BASE_ADAPTER and n in self.adapter_configs]
         base = self.get_base_layer()
@@ -383,6 +405,8 @@ class OFTLayer(OrthogonalLayer):
         return (weight.to(inv.dtype) @ inv).to(weight.dtype)
 
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind == "linear" and isinstance(self.base_layer, AdapterLayer):  # stacked (PeftMixedModel)
+            return self._forward_nested(x, names, *args, **kwargs)
         if self.kind == "linear" and len(names) == 1:
             # one adapter: fold the blocks into W for the forward GEMM, block-sized products in backward
             self._prepare(names[0])
