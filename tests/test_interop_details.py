@@ -108,7 +108,8 @@ def test_unknown_config_keys_warn_but_peft_null_keys_do_not(tmp_path, caplog):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     theirs.save_pretrained(str(tmp_path))
     written = _config(tmp_path)
-    assert set(written) - {f for f in LoraConfig.__dataclass_fields__}, "peft writes keys we do not have"
+    # every key PEFT 0.21 writes is a LoraConfig field here (implemented, or refused by name when set)
+    assert set(written) <= set(LoraConfig.__dataclass_fields__), set(written) - set(LoraConfig.__dataclass_fields__)
     with caplog.at_level(logging.WARNING, logger="peftkit"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == [], "peft's unused keys must load silently"
