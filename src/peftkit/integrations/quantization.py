@@ -64,6 +64,24 @@ def linear_features(module: nn.Module) -> Optional[tuple[int, int]]:
     return None
 
 
+def weight_shape(module: nn.Module) -> torch.Size:
+    """The logical shape of a layer's weight: (out, in) for a quantised linear (whose stored weight may be
+    packed, e.g. bitsandbytes 4-bit keeps (out * in / 2, 1) bytes), else the weight's own shape."""
+    features = linear_features(module)
+    if features is not None:
+        return torch.Size((features[1], features[0]))
+    return module.weight.shape
+
+
+def input_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype to give ``module`` its input in: its weight's for a plain float layer; ``default`` (the
+    activations' dtype) for a quantised one, whose stored weight dtype (uint8, int8) is not a compute dtype."""
+    weight = getattr(module, "weight", None)
+    if weight is None or is_quantized(module) or not weight.dtype.is_floating_point:
+        return default
+    return weight.dtype
+
+
 def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (out, in) weight of a quantised linear as a new float tensor (a transient copy: not stored anywhere)."""
     kind = backend(module)
@@ -115,6 +133,26 @@ def requantize(module: nn.Module, new_weight: torch.Tensor) -> None:
             "re-quantise it without the torchao config that made it. Load the base model without quantisation, "
             "merge there (merge_and_unload), then quantise the merged model with torchao's quantize_."
         )
+
+
+_BACKEND_NAMES = {"bnb-4bit": "bitsandbytes 4-bit", "bnb-8bit": "bitsandbytes 8-bit", "torchao": "torchao"}
+
+
+def refusal_message(method: str, path: str, module: nn.Module) -> str:
+    """Why ``method`` refuses the quantised layer ``module`` at ``path``, and what to do instead."""
+    from peftkit.engine.registry import _REGISTRY
+
+    kind = backend(module)
+    detail = type(module).__name__
+    if kind == "torchao":
+        detail += f" with a {type(module.weight).__name__} weight"
+    ok = sorted(k for k, spec in _REGISTRY.items() if spec.supports_quantized_base)
+    return (
+        f"{method} cannot adapt {path or 'the layer'}: it is a quantised layer ({detail}, {_BACKEND_NAMES[kind]}). "
+        f"{method}'s update transforms the dense base weight, which peftkit never dequantises into a stored "
+        f"full-precision copy. On quantised bases use one of {', '.join(ok)} (or a method that does not wrap "
+        "linear layers: bottleneck adapters, prompt methods, LN tuning), or load the base model without quantisation."
+    )
 
 
 def check_mergeable(module: nn.Module, path: str = "") -> None:
@@ -202,5 +240,5 @@ def enable_input_require_grads(model: nn.Module) -> None:
     emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
 
 
-__all__ = ["backend", "dequantize", "enable_input_require_grads", "is_quantized", "merge_quantized",
-           "prepare_model_for_kbit_training", "requantize"]
+__all__ = ["backend", "dequantize", "enable_input_require_grads", "input_dtype", "is_quantized", "merge_quantized",
+           "prepare_model_for_kbit_training", "requantize", "weight_shape"]

@@ -35,6 +35,7 @@ from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.lycoris import lycoris_ops as ops
 from peftkit.methods.common import adapter_dtype, pattern_value
 from peftkit.methods.lora.lora import LORA
+from peftkit.integrations import quantization as _quant
 
 
 @dataclass
@@ -129,6 +130,10 @@ class LycorisLayerBase(AdapterLayer):
         self.rank_dropout: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
         self.fast_path: bool = True  # False: every forward uses the plain reference math (for tests)
+
+    def _base_weight_shape(self) -> torch.Size:
+        """The base weight's logical shape (a quantised linear's (out, in), not its packed storage)."""
+        return _quant.weight_shape(self.get_base_layer())
 
     def _set_hyper(self, adapter_name: str, config: LycorisSharedConfig, module_name: str) -> int:
         r = pattern_value(config.rank_pattern, module_name, config.r)
@@ -251,7 +256,7 @@ class LoHaLayer(LycorisLayerBase):
             delta = ops.loha_delta_tucker(t1, w1a, w1b, t2, w2a, w2b, s)
         else:
             delta = ops.loha_delta(w1a, w1b, w2a, w2b, s)
-        return delta.reshape(self.get_base_layer().weight.shape)
+        return delta.reshape(self._base_weight_shape())
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta in the base weight's shape (out, in[, k...]), in the adapter's dtype."""
@@ -268,6 +273,8 @@ class LoHaLayer(LycorisLayerBase):
         if not ops.loha_merged_is_cheaper(self.r[adapter_name], self.in_features, self.out_features):
             return "factored"
         if isinstance(self.base_layer, AdapterLayer) or (self.training and self.rank_dropout[adapter_name] > 0):
+            return "recompute"
+        if _quant.is_quantized(self.get_base_layer()):  # the quantised kernel computes the base output
             return "recompute"
         return "merged"
 
@@ -326,5 +333,6 @@ LOHA = register_method(
         create_layer=create_loha_layer,
         prefix="hada_",
         default_target_modules=dict(LORA.default_target_modules),
+        supports_quantized_base=True,
     )
 )
