@@ -311,3 +311,81 @@ def test_parity_with_peft_on_quantized_base(saved_llama_bias, kind, method, tmp_
     ours = peftkit.PeftModel.from_pretrained(load_quantized(saved_llama_bias, kind), tmp_path)
     assert len(_quantized_layers(ours)) == 14
     assert (_logits(ours, ids) - want).abs().max().item() < 1e-4
+
+
+# ------------------------------------------------------------------ the chunked 4-bit base (QLoRA peak memory)
+def _linear4bit(out_f, in_f, bias, compute_dtype=torch.float32, seed=0):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(in_f, out_f, bias=bias)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute_dtype, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)._quantize("cpu")
+    if bias:
+        layer.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return layer.train()
+
+
+@pytest.mark.parametrize("shape, bias, rows", [((200, 128), True, 24), ((96, 64), False, 1000), ((128, 192), True, 1)])
+def test_chunked_4bit_base_equals_bitsandbytes(shape, bias, rows, monkeypatch):
+    """base_forward computes the 4-bit layer from its quantised bytes a few rows at a time: the same output as
+    bitsandbytes' own matmul and the same input gradient (a shorter last chunk; one chunk; one row per chunk)."""
+    layer = _linear4bit(*shape, bias)
+    monkeypatch.setattr(quant, "CHUNK_BYTES", rows * shape[1] * 4)
+    x = torch.randn(3, 5, shape[1], requires_grad=True)
+    assert quant._chunkable(layer, x) is not None
+    g = torch.randn(3, 5, shape[0])
+    want = layer(x)
+    (want_gx,) = torch.autograd.grad(want, x, g)
+    got = quant.base_forward(layer, x)
+    assert "Linear4bitChunked" in type(got.grad_fn).__name__
+    (got_gx,) = torch.autograd.grad(got, x, g)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got - want).abs().max().item() < 1e-5
+    assert (got_gx - want_gx).abs().max().item() < 1e-5
+
+
+def test_chunked_4bit_base_never_holds_the_dequantized_weight(monkeypatch):
+    """The largest allocation of a forward + backward through base_forward is one chunk, not the (out, in) float
+    weight bitsandbytes' own matmul dequantises (in both passes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = _linear4bit(512, 256, bias=False)
+    monkeypatch.setattr(quant, "CHUNK_BYTES", 64 * 256 * 4)
+    x = torch.randn(4, 256, requires_grad=True)
+    full = 512 * 256 * 4
+
+    def largest(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(x).sum().backward()
+        return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+    assert largest(layer) >= full  # bitsandbytes: the whole dequantised weight at once
+    assert largest(lambda t: quant.base_forward(layer, t)) <= 64 * 256 * 4
+
+
+def test_chunked_4bit_base_is_left_to_bitsandbytes_where_it_must_be():
+    layer = _linear4bit(64, 64, bias=False)
+    x = torch.randn(2, 64)
+    assert quant._chunkable(layer, x) is not None
+    assert quant._chunkable(_linear4bit(64, 96, bias=False), x[:, :1].expand(2, 96)) is None  # blocks span rows
+    handle = layer.register_forward_hook(lambda *a: None)  # hooks (accelerate, user code) must run
+    assert quant._chunkable(layer, x) is None
+    handle.remove()
+    layer.eval()
+    with torch.no_grad():  # inference: bitsandbytes' own kernels
+        assert quant._chunkable(layer, x) is None
+        layer(x)
+    layer.train()
+    assert quant._chunkable(layer, x) is None  # repacked for bitsandbytes' CPU inference kernel: its own path
+
+
+def test_chunked_4bit_base_in_bfloat16_compute(monkeypatch):
+    layer = _linear4bit(128, 64, bias=True, compute_dtype=torch.bfloat16)
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    monkeypatch.setattr(quant, "CHUNK_BYTES", 32 * 64 * 2)
+    x = torch.randn(6, 64, requires_grad=True)
+    want, got = layer(x), quant.base_forward(layer, x)
+    assert got.dtype == want.dtype == torch.float32
+    assert (got - want).abs().max().item() < 2e-2 * want.abs().max().item()

@@ -302,7 +302,7 @@ class LoHaLayer(LycorisLayerBase):
             adapters = [(*self._factors(n), self.scaling[n]) for n in merged]
             result = ops.loha_merged_linear(x, base.weight, base.bias, adapters)
         else:
-            result = self.base_layer(x)
+            result = _quant.base_forward(self.base_layer, x)  # = base_layer(x); a 4-bit base: chunked
         for n in names:
             if n not in merged:
                 result = result + self._delta_out(n, x, result)
