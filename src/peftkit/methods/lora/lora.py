@@ -23,7 +23,7 @@ from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
 from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.kernels import kernels_enabled
-from peftkit.methods.lora import lora_ops
+from peftkit.methods.lora import input_recompute, lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
 from peftkit.integrations import quantization as _quant
 
@@ -327,6 +327,12 @@ class Linear(LoraLayer):
             self._w_sq_cache = cache = (key, sq)
         return cache[1]
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training and hasattr(x, input_recompute._SOURCE) and not lora_ops.compiling():
+            with input_recompute.recompute_input(x):  # x is a norm's output: keep (norm, its input) instead
+                return super().forward(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         reason = self._decline_reason(x, names)
         if reason is not None:
@@ -527,6 +533,15 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
 
 class LoraModel(AdapterModel):
     """The engine plus LoRA-only operations (weighted combination of adapters)."""
+
+    def inject_adapter(self, adapter_name: str, config: Any, loading: bool = False) -> None:
+        super().inject_adapter(adapter_name, config, loading=loading)
+        input_recompute.tag_norm_outputs(self.model)  # LoRA layers recompute a norm's output, not keep it
+
+    def _unwrap(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unwrap(*args, **kwargs)
+        input_recompute.untag_norm_outputs(model)
+        return model
 
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the
