@@ -200,7 +200,7 @@ class AdapterLayer(nn.Module):
 
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Forward with the adapters ``names`` applied, unmerged. Methods may override with a fused path."""
-        result = self.base_layer(x, *args, **kwargs)
+        result = _quant.base_forward(self.base_layer, x, *args, **kwargs)  # = base_layer(x) (4-bit: chunked)
         for name in names:
             result = self.apply_adapter(name, x, result, *args, **kwargs)
         return result

@@ -267,10 +267,7 @@ class AdapterModel(nn.Module):
                     continue
                 quant_kind = _quant.backend(innermost_base(module))
                 if quant_kind is not None and not spec.supports_quantized_base:
-                    raise ValueError(
-                        f"{spec.peft_type} cannot adapt {name}: it is a quantised layer ({quant_kind}). On quantised "
-                        "bases use LoRA or DoRA (LoraConfig), or load the base model without quantisation."
-                    )
+                    raise ValueError(_quant.refusal_message(spec.peft_type, name, innermost_base(module)))
                 layer = spec.create_layer(module, adapter_name, config, module_name=name, loading=loading)
                 if layer is None:
                     skipped.append(f"{name} ({type(module).__name__})")
@@ -517,7 +514,8 @@ class AdapterModel(nn.Module):
         from peftkit.integrations.quantization import check_mergeable
 
         for _, layer in layers:  # a quantised base that cannot be re-quantised refuses before anything changes
-            check_mergeable(layer.get_base_layer())
+            if getattr(layer, "merges_base_weight", True):  # (BitFit merges into the bias only)
+                check_mergeable(layer.get_base_layer())
         for path, layer in layers:  # refused before any weight changes
             refusal = getattr(layer, "merge_refusal", lambda: None)()
             if refusal and any(n in layer.adapter_configs for n in names_for(layer)):

@@ -64,6 +64,24 @@ def linear_features(module: nn.Module) -> Optional[tuple[int, int]]:
     return None
 
 
+def weight_shape(module: nn.Module) -> torch.Size:
+    """The logical shape of a layer's weight: (out, in) for a quantised linear (whose stored weight may be
+    packed, e.g. bitsandbytes 4-bit keeps (out * in / 2, 1) bytes), else the weight's own shape."""
+    features = linear_features(module)
+    if features is not None:
+        return torch.Size((features[1], features[0]))
+    return module.weight.shape
+
+
+def input_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype to give ``module`` its input in: its weight's for a plain float layer; ``default`` (the
+    activations' dtype) for a quantised one, whose stored weight dtype (uint8, int8) is not a compute dtype."""
+    weight = getattr(module, "weight", None)
+    if weight is None or is_quantized(module) or not weight.dtype.is_floating_point:
+        return default
+    return weight.dtype
+
+
 def dequantize(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (out, in) weight of a quantised linear as a new float tensor (a transient copy: not stored anywhere)."""
     kind = backend(module)
@@ -117,6 +135,26 @@ def requantize(module: nn.Module, new_weight: torch.Tensor) -> None:
         )
 
 
+_BACKEND_NAMES = {"bnb-4bit": "bitsandbytes 4-bit", "bnb-8bit": "bitsandbytes 8-bit", "torchao": "torchao"}
+
+
+def refusal_message(method: str, path: str, module: nn.Module) -> str:
+    """Why ``method`` refuses the quantised layer ``module`` at ``path``, and what to do instead."""
+    from peftkit.engine.registry import _REGISTRY
+
+    kind = backend(module)
+    detail = type(module).__name__
+    if kind == "torchao":
+        detail += f" with a {type(module.weight).__name__} weight"
+    ok = sorted(k for k, spec in _REGISTRY.items() if spec.supports_quantized_base)
+    return (
+        f"{method} cannot adapt {path or 'the layer'}: it is a quantised layer ({detail}, {_BACKEND_NAMES[kind]}). "
+        f"{method}'s update transforms the dense base weight, which peftkit never dequantises into a stored "
+        f"full-precision copy. On quantised bases use one of {', '.join(ok)} (or a method that does not wrap "
+        "linear layers: bottleneck adapters, prompt methods, LN tuning), or load the base model without quantisation."
+    )
+
+
 def check_mergeable(module: nn.Module, path: str = "") -> None:
     """Raise before anything changes if the quantised weight of ``module`` cannot be merged into."""
     kind = backend(module)
@@ -145,6 +183,113 @@ def merge_quantized(layer: nn.Module, adapter_name: str, unmerge: bool = False, 
         "unmerged" if unmerge else "merged", error,
     )
     return error
+
+
+# ------------------------------------------------------------------ bitsandbytes 4-bit base, dequantised in chunks
+# bitsandbytes' own 4-bit matmul dequantises the whole weight in the forward and again in the backward (for the
+# input's gradient): a full-precision (out, in) temporary per call, the largest single allocation of a QLoRA step
+# on a model whose weights dominate. The adapter layers call the frozen 4-bit base through this function instead:
+# the same result from the same quantised bytes, dequantised a few rows at a time (about 1 MiB at once), and
+# nothing saved for the backward but a reference to the module (the weight is frozen: no input is kept for it).
+CHUNK_BYTES = 1 << 20  # the dequantised rows held at once (1 MiB of float32 by default)
+
+
+def _absmax(state) -> torch.Tensor:
+    """The float32 per-block scales of a 4-bit quant state (double quantisation: dequantised, small)."""
+    if getattr(state, "nested", False):
+        absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        return absmax.float()
+    return state.absmax.float()
+
+
+def _chunk_rows(out_f: int, in_f: int, blocksize: int, dtype: torch.dtype) -> Optional[int]:
+    """Rows per chunk (the last chunk runs to the end), about CHUNK_BYTES of ``dtype``; None unless every row is
+    whole 4-bit blocks (in_features a multiple of the blocksize, 64 by default: true of transformer widths)."""
+    if in_f % blocksize:
+        # blocks spanning rows: bitsandbytes' CPU kernel dequantises a slice starting mid-row wrongly (measured)
+        return None
+    rows = max(1, CHUNK_BYTES // (in_f * torch.finfo(dtype).bits // 8))
+    return min(rows, out_f)
+
+
+def _dequantized_rows(weight, state, absmax: torch.Tensor, r0: int, r1: int, dtype) -> torch.Tensor:
+    """Rows ``r0:r1`` of the dequantised weight (a small transient: at most CHUNK_BYTES)."""
+    in_f = state.shape[1]
+    bs = state.blocksize
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight.data.view(-1)[r0 * in_f // 2: r1 * in_f // 2], absmax[r0 * in_f // bs: -(-r1 * in_f // bs)],
+        bs, state.quant_type, [r1 - r0, in_f], dtype)
+
+
+class _Linear4bitChunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, module, rows):  # type: ignore[override]
+        weight = module.weight
+        state = weight.quant_state
+        out_f, in_f = state.shape
+        absmax = _absmax(state)
+        x2 = x.reshape(-1, in_f)
+        out = torch.empty(x2.shape[0], out_f, dtype=x.dtype, device=x.device)
+        for r0 in range(0, out_f, rows):
+            r1 = min(r0 + rows, out_f)
+            w = _dequantized_rows(weight, state, absmax, r0, r1, x.dtype)
+            out[:, r0:r1].copy_(x2 @ w.t())
+        if bias is not None:
+            out.add_(bias.to(out.dtype))
+        ctx.module, ctx.rows, ctx.x_shape, ctx.has_bias = module, rows, x.shape, bias is not None
+        return out.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        module, rows = ctx.module, ctx.rows
+        weight = module.weight
+        state = weight.quant_state
+        out_f, in_f = state.shape
+        g = grad_out.reshape(-1, out_f)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            absmax = _absmax(state)
+            grad_x = torch.zeros(g.shape[0], in_f, dtype=g.dtype, device=g.device)
+            for r0 in range(0, out_f, rows):
+                r1 = min(r0 + rows, out_f)
+                grad_x.addmm_(g[:, r0:r1], _dequantized_rows(weight, state, absmax, r0, r1, g.dtype))
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = g.sum(0)
+        return grad_x, grad_bias, None, None
+
+
+def _chunkable(module: nn.Module, x: torch.Tensor) -> Optional[int]:
+    """Rows per chunk if ``module`` is a plain bitsandbytes 4-bit linear that :func:`base_forward` may compute
+    (no hooks, no CPU inference repacking, a float input), else None."""
+    bnb = _bnb()
+    if bnb is None or type(module).forward is not bnb.nn.Linear4bit.forward or not isinstance(module, bnb.nn.Linear4bit):
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or not x.is_floating_point() or x.dim() < 1:
+        return None
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
+        return None
+    if module.training is False and not torch.is_grad_enabled():
+        return None  # inference: bitsandbytes' own kernels (fused 4-bit GEMV) are the better choice
+    if torch.compiler.is_compiling() or not hasattr(torch.ops.bitsandbytes, "dequantize_4bit"):
+        return None
+    dtype = module.compute_dtype or x.dtype
+    return _chunk_rows(state.shape[0], state.shape[1], state.blocksize, dtype)
+
+
+def base_forward(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``module(x)`` for the frozen base of an adapter layer; a bitsandbytes 4-bit base in training is computed
+    by :class:`_Linear4bitChunked` (same output, no full dequantised weight at any time)."""
+    rows = None if args or kwargs else _chunkable(module, x)
+    if rows is None:
+        return module(x, *args, **kwargs)
+    inp_dtype = x.dtype
+    dtype = module.compute_dtype or x.dtype
+    bias = module.bias
+    bias = None if bias is None else bias.to(dtype)
+    return _Linear4bitChunked.apply(x.to(dtype), bias, module, rows).to(inp_dtype)
 
 
 # ----------------------------------------------------------------------------------------- training setup
@@ -202,5 +347,5 @@ def enable_input_require_grads(model: nn.Module) -> None:
     emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
 
 
-__all__ = ["backend", "dequantize", "enable_input_require_grads", "is_quantized", "merge_quantized",
-           "prepare_model_for_kbit_training", "requantize"]
+__all__ = ["backend", "base_forward", "dequantize", "enable_input_require_grads", "input_dtype", "is_quantized", "merge_quantized",
+           "prepare_model_for_kbit_training", "requantize", "weight_shape"]

@@ -25,6 +25,7 @@ from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.targeting import ALL_LINEAR, find_targets
 from peftkit.engine.tuner import AdapterModel
 from peftkit.methods.common import adapter_dtype, conv1d_cls
+from peftkit.integrations import quantization as _quant
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,15 @@ class BitFitLayer(AdapterLayer):
     """A module with a bias, and one bias difference per adapter."""
 
     adapter_slots = ("bitfit_bias",)
+    merges_base_weight = False  # merging adds to the bias: a quantised weight is never re-quantised
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.bitfit_bias = nn.ParameterDict()
         base = self.get_base_layer()
-        if isinstance(base, nn.Linear):
+        if _quant.is_quantized(base):
+            self.kind = "quantized"  # the quantised kernel computes W x + b; the bias differences are added to it
+        elif isinstance(base, nn.Linear):
             self.kind = "linear"
         elif conv1d_cls() and isinstance(base, conv1d_cls()):
             self.kind = "conv1d"
@@ -103,9 +107,16 @@ class BitFitLayer(AdapterLayer):
         return total
 
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind == "quantized":
+            out = self.base_layer(x, *args, **kwargs)
+            for n in names:
+                out = out + self.bitfit_bias[n].to(out.dtype)
+            return out
         return self._forward_with_bias(x, self._total_bias(names), *args, **kwargs)
 
     def apply_adapter(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind == "quantized":
+            return result + self.bitfit_bias[adapter_name].to(result.dtype)
         return self._forward_with_bias(x, self._total_bias([adapter_name]), *args, **kwargs)
 
     def forward_mixed(self, x: torch.Tensor, batch: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -225,6 +236,7 @@ BITFIT = register_method(
         create_layer=create_bitfit_layer,
         prefix="bitfit_",
         model_cls=BitFitModel,
+        supports_quantized_base=True,
     )
 )
 

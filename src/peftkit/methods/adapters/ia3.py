@@ -28,6 +28,7 @@ from peftkit.engine.layer import BASE_ADAPTER, AdapterLayer, MixedBatch, innermo
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel
 from peftkit.methods.common import adapter_dtype, conv1d_cls
+from peftkit.integrations import quantization as _quant
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +262,24 @@ class IA3Layer(AdapterLayer):
             new_b = (bias * v.to(_compute_dtype(bias))).to(bias.dtype)
         return new_w, new_b
 
+    # a quantised base merges through dequantise-merge-requantise (integrations.quantization.merge_quantized)
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._merged(adapter_name, weight, None)[0]
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return (weight / self._weight_scale(adapter_name).to(_compute_dtype(weight))).to(weight.dtype)
+
+    def _scale_bias(self, adapter_name: str, inverse: bool = False) -> None:
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if bias is None or self.is_feedforward[adapter_name]:
+            return
+        v = self.ia3_l[adapter_name].reshape(-1).to(_compute_dtype(bias))
+        with torch.no_grad():
+            bias.data.copy_((bias.data / v if inverse else bias.data * v).to(bias.dtype))
+
     def first_nonfinite_merge(self, adapter_names: Sequence[str]) -> Optional[str]:
         base = self.get_base_layer()
-        weight = base.weight.data
+        weight = _quant.dequantize(base) if _quant.is_quantized(base) else base.weight.data
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
         with torch.no_grad():
             for name in adapter_names:
@@ -280,6 +296,16 @@ class IA3Layer(AdapterLayer):
         base = self.get_base_layer()
         for name in names:
             if name not in self.adapter_configs or name in self.merged_adapters:
+                continue
+            if _quant.is_quantized(base):
+                if (self.ia3_l[name] == 0).any():
+                    raise ValueError(
+                        f"Adapter {name!r} has zero (IA)3 scales: merged into the quantised {type(base).__name__} it "
+                        "could not be unmerged (peftkit keeps no full-precision copy of the weight); nothing was changed."
+                    )
+                _quant.merge_quantized(self, name, safe_merge=safe_merge)
+                self._scale_bias(name)
+                self.merged_adapters.append(name)
                 continue
             bias = base.bias if getattr(base, "bias", None) is not None else None
             with torch.no_grad():
@@ -299,6 +325,10 @@ class IA3Layer(AdapterLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            if _quant.is_quantized(base):
+                _quant.merge_quantized(self, name, unmerge=True)
+                self._scale_bias(name, inverse=True)
+                continue
             bias = base.bias if getattr(base, "bias", None) is not None else None
             with torch.no_grad():
                 backup = self._merge_backup.pop(name, None)
@@ -422,6 +452,7 @@ IA3 = register_method(
         prefix="ia3_",
         model_cls=IA3Model,
         default_target_modules=DEFAULT_TARGET_MODULES,
+        supports_quantized_base=True,
     )
 )
 

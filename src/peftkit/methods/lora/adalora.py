@@ -34,6 +34,7 @@ from peftkit.engine.tuner import AdapterModel
 from peftkit.methods.lora import lora_ops
 from peftkit.methods.lora.adalora_budget import RankAllocator, Triplet, apply_rank_pattern, budget_schedule
 from peftkit.methods.common import adapter_dtype, conv1d_cls
+from peftkit.integrations import quantization as _quant
 from peftkit.methods.lora.lora import LoraConfig
 
 logger = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ class SVDLinear(SVDLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
         w = base_layer.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        in_f, out_f = _quant.linear_features(innermost_base(base_layer)) or (in_f, out_f)  # bnb 4-bit packs W
         super().__init__(base_layer, in_f, out_f)
         self.fan_in_fan_out = fan_in_fan_out
 
@@ -701,6 +703,7 @@ ADALORA = register_method(
         create_layer=create_adalora_layer,
         prefix="lora_",
         model_cls=AdaLoraModel,
+        supports_quantized_base=True,
         # PEFT's AdaLoRA defaults for these model types.
         default_target_modules={
             "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],

@@ -25,7 +25,7 @@ from peftkit.engine.tuner import AdapterModel
 from peftkit.engine.validation import SCALE_LIMIT, Rule
 from peftkit.engine.warnings import PeftWarning
 from peftkit.kernels import kernels_enabled
-from peftkit.methods.lora import lora_ops
+from peftkit.methods.lora import input_recompute, lora_ops
 from peftkit.methods.common import adapter_dtype, conv1d_cls, pattern_value
 from peftkit.integrations import quantization as _quant
 
@@ -628,6 +628,12 @@ class Linear(LoraLayer):
             self._w_sq_cache = cache = (key, sq)
         return cache[1]
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training and hasattr(x, input_recompute._SOURCE) and not lora_ops.compiling():
+            with input_recompute.recompute_input(x):  # x is a norm's output: keep (norm, its input) instead
+                return super().forward(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
     def forward_adapters(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         reason = self._decline_reason(x, names)
         if reason is not None:
@@ -970,15 +976,20 @@ class LoraModel(AdapterModel):
 
     def inject_adapter(self, adapter_name: str, config: LoraConfig, loading: bool = False) -> None:
         if not getattr(config, "layer_replication", None):
-            return super().inject_adapter(adapter_name, config, loading=loading)
-        from peftkit.methods.lora.layer_replication import replicate_layers, undo_replication
-
-        saved = replicate_layers(self.model, config.layer_replication)
-        try:
             super().inject_adapter(adapter_name, config, loading=loading)
-        except Exception:
-            undo_replication(self.model, saved)
-            raise
+        else:
+            from peftkit.methods.lora.layer_replication import replicate_layers, undo_replication
+
+            saved = replicate_layers(self.model, config.layer_replication)
+            try:
+                super().inject_adapter(adapter_name, config, loading=loading)
+            except Exception:
+                undo_replication(self.model, saved)
+                raise
+        if _quant._quantized_model(self.model):
+            # on a quantized base (QLoRA, where memory is the point) LoRA layers recompute a norm's output in
+            # backward instead of keeping it; full-precision bases keep the plain, faster path
+            input_recompute.tag_norm_outputs(self.model)
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
@@ -994,6 +1005,11 @@ class LoraModel(AdapterModel):
             if isinstance(module, TrainableTokensWrapper):
                 module.check_set_adapter(names, path)
         super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    def _unwrap(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unwrap(*args, **kwargs)
+        input_recompute.untag_norm_outputs(model)
+        return model
 
     def after_adapter_loaded(self, adapter_name: str) -> None:
         """A checkpoint whose config says PiSSA holds trained factors of the principal part of W; as PEFT does, the

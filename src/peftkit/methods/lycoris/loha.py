@@ -36,6 +36,7 @@ from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.methods.lycoris import lycoris_ops as ops
 from peftkit.methods.common import adapter_dtype, pattern_value
 from peftkit.methods.lora.lora import LORA
+from peftkit.integrations import quantization as _quant
 
 
 @dataclass
@@ -152,6 +153,10 @@ class LycorisLayerBase(AdapterLayer):
         self.rank_dropout: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
         self.fast_path: bool = True  # False: every forward uses the plain reference math (for tests)
+
+    def _base_weight_shape(self) -> torch.Size:
+        """The base weight's logical shape (a quantised linear's (out, in), not its packed storage)."""
+        return _quant.weight_shape(self.get_base_layer())
 
     def _set_hyper(self, adapter_name: str, config: LycorisSharedConfig, module_name: str) -> int:
         r = pattern_value(config.rank_pattern, module_name, config.r)
@@ -274,7 +279,7 @@ class LoHaLayer(LycorisLayerBase):
             delta = ops.loha_delta_tucker(t1, w1a, w1b, t2, w2a, w2b, s)
         else:
             delta = ops.loha_delta(w1a, w1b, w2a, w2b, s)
-        return delta.reshape(self.get_base_layer().weight.shape)
+        return delta.reshape(self._base_weight_shape())
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta in the base weight's shape (out, in[, k...]), in the adapter's dtype."""
@@ -291,6 +296,8 @@ class LoHaLayer(LycorisLayerBase):
         if not ops.loha_merged_is_cheaper(self.r[adapter_name], self.in_features, self.out_features):
             return "factored"
         if isinstance(self.base_layer, AdapterLayer) or (self.training and self.rank_dropout[adapter_name] > 0):
+            return "recompute"
+        if _quant.is_quantized(self.get_base_layer()):  # the quantised kernel computes the base output
             return "recompute"
         return "merged"
 
@@ -318,7 +325,7 @@ class LoHaLayer(LycorisLayerBase):
             adapters = [(*self._factors(n), self.scaling[n]) for n in merged]
             result = ops.loha_merged_linear(x, base.weight, base.bias, adapters)
         else:
-            result = self.base_layer(x)
+            result = _quant.base_forward(self.base_layer, x)  # = base_layer(x); a 4-bit base: chunked
         for n in names:
             if n not in merged:
                 result = result + self._delta_out(n, x, result)
@@ -349,5 +356,6 @@ LOHA = register_method(
         create_layer=create_loha_layer,
         prefix="hada_",
         default_target_modules=dict(LORA.default_target_modules),
+        supports_quantized_base=True,
     )
 )

@@ -190,7 +190,7 @@ class LoKrLayer(LycorisLayerBase):
 
     def _delta_in_dtype(self, adapter_name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
         w1, w2 = self._w1(adapter_name, dtype), self._w2(adapter_name, dtype)
-        return ops.lokr_delta(w1, w2, self.scaling[adapter_name], self.get_base_layer().weight.shape)
+        return ops.lokr_delta(w1, w2, self.scaling[adapter_name], self._base_weight_shape())
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta in the base weight's shape (out, in[, k...]), in the adapter's dtype."""
@@ -248,5 +248,6 @@ LOKR = register_method(
         create_layer=create_lokr_layer,
         prefix="lokr_",
         default_target_modules=dict(LORA.default_target_modules),
+        supports_quantized_base=True,
     )
 )

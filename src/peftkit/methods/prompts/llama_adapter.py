@@ -29,6 +29,7 @@ from peftkit.engine.layer import AdapterLayer
 from peftkit.engine.registry import MethodSpec, register_method
 from peftkit.engine.tuner import AdapterModel, _check_adapter_name, _get_parent
 from peftkit.methods.common import adapter_dtype
+from peftkit.integrations import quantization as _quant
 
 LLAMA, GPT2 = "llama", "gpt2"
 
@@ -149,7 +150,7 @@ class AdaptedAttention(AdapterLayer):
         weights = gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(weights, v.to(weights.dtype)).transpose(1, 2).reshape(b, q_len, heads * head_dim)
         if self.family == LLAMA:
-            out = base.o_proj(out.to(base.o_proj.weight.dtype))
+            out = base.o_proj(out.to(_quant.input_dtype(base.o_proj, out.dtype)))  # a quantised o_proj: activations' dtype
         return out
 
 
