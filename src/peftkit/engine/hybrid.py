@@ -243,6 +243,16 @@ def self_attention_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _prefix_gates(n: int, hidden: int) -> nn.ModuleList:
+    """One gate per prefixed attention: a linear hidden -> 1, weight N(0, 0.02) as AdapterHub, PyTorch's default bias."""
+    gates = nn.ModuleList()
+    for _ in range(n):
+        gate = nn.Linear(hidden, 1)
+        nn.init.normal_(gate.weight, std=0.02)
+        gates.append(gate)
+    return gates
+
+
 class HybridModel(AdapterModel):
     """The engine of hybrid methods (see the module docstring)."""
 
@@ -332,12 +342,7 @@ class HybridModel(AdapterModel):
             if len(attns) != dims["num_layers"]:
                 raise ValueError(f"The prefix gates need the {dims['num_layers']} self-attention modules of {cls} "
                                  f"(modules with a layer_idx taking a cache argument); found {len(attns)}.")
-            gates = nn.ModuleList()
-            for _ in attns:
-                gate = nn.Linear(dims["hidden"], 1)
-                nn.init.normal_(gate.weight, std=0.02)  # AdapterHub: weight N(0, 0.02), PyTorch's default bias
-                gates.append(gate)
-            self.prefix_gates[adapter_name] = gates.to(ref.device)
+            self.prefix_gates[adapter_name] = _prefix_gates(len(attns), dims["hidden"]).to(ref.device)
         if not self._hooks:
             self._cache_name = cache_argument(self.model)
             from peftkit.engine.prompting import forward_parameters
@@ -369,12 +374,7 @@ class HybridModel(AdapterModel):
                                    for where, n in counts.items()})
         self.prefix_tuning[adapter_name] = group.to(ref.device)
         if spec.use_gating:
-            gates = nn.ModuleList()
-            for _ in sites:
-                gate = nn.Linear(dims["hidden"], 1)
-                nn.init.normal_(gate.weight, std=0.02)  # AdapterHub: weight N(0, 0.02), PyTorch's default bias
-                gates.append(gate)
-            self.prefix_gates[adapter_name] = gates.to(ref.device)
+            self.prefix_gates[adapter_name] = _prefix_gates(len(sites), dims["hidden"]).to(ref.device)
         if not self._hooks:
             from peftkit.engine.prompting import CACHE_KWARGS, forward_parameters
 
